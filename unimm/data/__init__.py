@@ -1,0 +1,1 @@
+"""Records, shard sets, streaming, collators, converters and the bundled toy dataset."""

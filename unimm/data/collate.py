@@ -1,0 +1,71 @@
+"""Collators: a list of :class:`~unimm.data.records.Record` -> tensors for the encoders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from unimm.data.records import Item, Record
+
+
+def format_query_text(instruction: str | None, text: str | None) -> str | None:
+    """UniIR's query formatting: ``"{instruction} {text}"``, stripped, first letter upper-cased, ending in a period.
+
+    Returns None when there is neither instruction nor text.
+    """
+    s = " ".join(part.strip() for part in (instruction, text) if part and part.strip())
+    s = " ".join(s.split())  # newlines and repeated spaces -> one space
+    if not s:
+        return None
+    if s[-1] not in ".?!":
+        s += "."
+    return s[0].upper() + s[1:]
+
+
+class RetrievalCollator:
+    """Encodes the named sides of each record with a processor.
+
+    For each side the batch holds a dict with ``size`` (B), the text rows ``input_ids``/``attention_mask``
+    ``[n_text, L]`` with their positions ``text_rows`` ``[n_text]``, and ``pixel_values`` ``[n_img, 3, H, W]``
+    with ``image_rows`` ``[n_img]``: only the present modalities are encoded. The batch also keeps ``keys``,
+    ``meta`` and the ``shards`` the records came from (so a report can re-read a few of them for display).
+
+    Args:
+        processor: a :class:`~unimm.models.processors.TextImageProcessor`.
+        sides: the record sides to encode, e.g. ``("query", "pos")``.
+        use_instruction: prefix query texts with the record's instruction (UniIR).
+    """
+
+    def __init__(self, processor, sides: Sequence[str] = ("query", "pos"), use_instruction: bool = True):
+        self.processor = processor
+        self.sides = tuple(sides)
+        self.use_instruction = use_instruction
+
+    def encode_side(self, items: list[Item], instructions: list[str | None] | None = None) -> dict[str, Any]:
+        texts = [item.text for item in items]
+        if instructions is not None:
+            texts = [format_query_text(ins, t) for ins, t in zip(instructions, texts)]
+        out: dict[str, Any] = {"size": len(items)}
+        text_rows = [i for i, t in enumerate(texts) if t is not None]
+        image_rows = [i for i, item in enumerate(items) if item.image is not None]
+        if text_rows:
+            out.update(self.processor.text([texts[i] for i in text_rows]))
+        if image_rows:
+            out["pixel_values"] = self.processor.images([items[i].image for i in image_rows])
+        out["text_rows"] = torch.tensor(text_rows, dtype=torch.long)
+        out["image_rows"] = torch.tensor(image_rows, dtype=torch.long)
+        return out
+
+    def __call__(self, records: list[Record]) -> dict[str, Any]:
+        batch: dict[str, Any] = {
+            "keys": [r.key for r in records],
+            "meta": [r.meta for r in records],
+            "shards": [r.shard for r in records],
+        }
+        for side in self.sides:
+            items = [r.sides[side] for r in records]
+            instructions = [r.instruction for r in records] if side == "query" and self.use_instruction else None
+            batch[side] = self.encode_side(items, instructions)
+        return batch

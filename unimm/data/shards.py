@@ -1,0 +1,161 @@
+"""Shard sets on disk: webdataset tar shards plus an ``index.json`` that promises the sample counts.
+
+A shard set is a folder::
+
+    train/
+      index.json            {"shards": [{"name": "shard-000000.tar", "count": 1000}, ...], "total": ..., ...}
+      shard-000000.tar
+      ...
+
+The index lets a reader prove it delivered every sample (see :mod:`unimm.data.stream`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+INDEX_FILE = "index.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: str
+    count: int
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """What a shard set promises: its shards (in order) and their sample counts."""
+
+    root: str
+    shards: tuple[ShardInfo, ...]
+    source: str = ""
+    converter: str = ""
+
+    @property
+    def total(self) -> int:
+        return sum(s.count for s in self.shards)
+
+
+def read_index(root: str | os.PathLike) -> ShardIndex:
+    """Read ``<root>/index.json``. Fails naming the folder when it is not a shard set."""
+    root = Path(root)
+    index_path = root / INDEX_FILE
+    if not index_path.is_file():
+        hint = " (folder does not exist)" if not root.exists() else ""
+        raise FileNotFoundError(f"not a unimm shard set: {index_path} is missing{hint}")
+    with open(index_path) as f:
+        data = json.load(f)
+    shards = tuple(ShardInfo(str(root / s["name"]), int(s["count"])) for s in data["shards"])
+    missing = [s.path for s in shards if not os.path.exists(s.path)]
+    if missing:
+        raise FileNotFoundError(f"{index_path} lists shards that do not exist: {missing[:5]}")
+    return ShardIndex(str(root), shards, data.get("source", ""), data.get("converter", ""))
+
+
+class ShardSetWriter:
+    """Write records into numbered tar shards and an ``index.json`` on close.
+
+    Example::
+
+        with ShardSetWriter("data/toy/train", max_count=500, source="sklearn digits") as w:
+            w.write(make_sample(key, meta, query=Item(text=...), pos=Item(image=...)))
+    """
+
+    def __init__(self, root: str | os.PathLike, max_count: int = 1000, source: str = "", converter: str = ""):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_count = max_count
+        self.source = source
+        self.converter = converter
+        self._shards: list[dict[str, Any]] = []
+        self._writer: wds.TarWriter | None = None
+        self._keys: set[str] = set()
+
+    def _open_next(self) -> None:
+        self._close_current()
+        name = f"shard-{len(self._shards):06d}.tar"
+        self._writer = wds.TarWriter(str(self.root / name))
+        self._shards.append({"name": name, "count": 0})
+
+    def _close_current(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def write(self, sample: dict[str, Any]) -> None:
+        key = sample["__key__"]
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r} in shard set {self.root}")
+        self._keys.add(key)
+        if self._writer is None or self._shards[-1]["count"] >= self.max_count:
+            self._open_next()
+        self._writer.write(sample)
+        self._shards[-1]["count"] += 1
+
+    def close(self) -> ShardIndex:
+        self._close_current()
+        index = {
+            "format_version": FORMAT_VERSION,
+            "shards": self._shards,
+            "total": sum(s["count"] for s in self._shards),
+            "source": self.source,
+            "converter": self.converter,
+        }
+        tmp = self.root / (INDEX_FILE + ".tmp")
+        tmp.write_text(json.dumps(index, indent=1))
+        os.replace(tmp, self.root / INDEX_FILE)  # the index appears only once every shard is complete
+        return read_index(self.root)
+
+    def __enter__(self) -> ShardSetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._close_current()
+
+
+class TruncatedShard(Exception):
+    """Raised (after yielding every intact sample) when a tar ends in the middle of a member."""
+
+
+def iter_raw_samples(path: str) -> Iterator[dict[str, Any]]:
+    """Yield raw webdataset samples (``{"__key__": ..., "<field>.<ext>": bytes}``) from one tar shard.
+
+    Fields are grouped by key in file order, as webdataset does. A damaged tar yields every sample before
+    the damage and then raises :class:`TruncatedShard`: only what follows the damage is lost.
+    """
+    current: dict[str, Any] | None = None
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = os.path.basename(member.name)
+                key, dot, field = base.partition(".")
+                if not dot:
+                    continue
+                prefix = os.path.dirname(member.name)
+                key = f"{prefix}/{key}" if prefix else key
+                data = tar.extractfile(member).read()
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key}
+                current[field] = data
+    except (tarfile.TarError, EOFError, OSError) as err:
+        # the sample being assembled when the damage hit is incomplete: it is lost with the rest
+        raise TruncatedShard(f"{path}: {err}") from err
+    if current is not None:
+        yield current

@@ -1,0 +1,306 @@
+"""Streaming records out of shard sets: split across ranks and workers, batched, and accounted for.
+
+Splitting is by shard: after a per-epoch seeded shuffle (training) or in order (evaluation), shard ``i``
+of every shard set goes to the global worker slot ``i % (world_size * num_workers)``. No sample is read by
+two slots and none is padded or duplicated.
+
+Training needs every rank to take the same number of optimizer steps (DDP would hang otherwise). The
+number of batches per rank is computed up front from the counts promised by ``index.json``: the minimum
+over ranks of the full batches its workers can make. A worker whose shards deliver fewer samples than
+promised (corrupt samples) tops up by re-reading its own shards; the accounting says so.
+
+Every batch carries ``batch["stats"]``: a :class:`StreamStats` with the samples delivered and the samples
+skipped since the previous batch, by reason and shard. :class:`SampleAccounting` adds them up.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from unimm.data.records import CorruptSample, Record, decode_sample
+from unimm.data.shards import ShardIndex, ShardInfo, TruncatedShard, iter_raw_samples
+
+
+class DataError(RuntimeError):
+    """Bad data met with ``strict=True``, or a split that cannot work; the message names shard and key."""
+
+
+@dataclass
+class StreamStats:
+    """Samples delivered and skipped (by ``(reason, shard)``) over some span of a stream."""
+
+    delivered: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    refilled: int = 0  # samples re-read to keep the per-rank step count equal
+
+    def add(self, other: StreamStats) -> None:
+        self.delivered += other.delivered
+        self.skipped.update(other.skipped)
+        self.refilled += other.refilled
+
+    def take(self) -> StreamStats:
+        """Return the stats so far and reset (attach to the next emitted batch)."""
+        out = StreamStats(self.delivered, self.skipped, self.refilled)
+        self.delivered, self.skipped, self.refilled = 0, Counter(), 0
+        return out
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+
+class SampleAccounting:
+    """Adds up the ``stats`` of every batch of an epoch and prints what was promised vs delivered."""
+
+    def __init__(self) -> None:
+        self.stats = StreamStats()
+
+    def update(self, batch: dict[str, Any]) -> None:
+        if "stats" in batch:
+            self.stats.add(batch["stats"])
+
+    def reduce(self) -> StreamStats:
+        """Sum over ranks (a no-op without torch.distributed)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self.stats
+        gathered: list[StreamStats | None] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, self.stats)
+        total = StreamStats()
+        for s in gathered:
+            total.add(s)
+        return total
+
+    def summary(self, stats: StreamStats, promised: int | None = None) -> str:
+        lines = [f"samples delivered: {stats.delivered}" + (f" of {promised} promised by index.json" if promised else "")]
+        if stats.refilled:
+            lines.append(f"re-read to keep ranks in step: {stats.refilled}")
+        for (reason, shard), n in sorted(stats.skipped.items()):
+            lines.append(f"skipped {n} ({reason}) in {shard}")
+        return "\n".join(lines)
+
+    def reset(self) -> None:
+        self.stats = StreamStats()
+
+
+@dataclass(frozen=True)
+class Source:
+    """One shard set in a mixture. ``weight`` is its relative sampling rate (training only)."""
+
+    index: ShardIndex
+    weight: float = 1.0
+    name: str = ""
+
+
+def assign_shards(shards: Sequence[ShardInfo], n_slots: int, seed: int | None) -> list[list[ShardInfo]]:
+    """Deal shards to ``n_slots`` worker slots round robin, after a seeded shuffle when ``seed`` is set."""
+    order = list(shards)
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    return [order[slot::n_slots] for slot in range(n_slots)]
+
+
+class ShardStream(IterableDataset):
+    """Batches of collated records from a weighted mixture of shard sets.
+
+    Args:
+        sources: the shard sets (with weights).
+        batch_size: records per batch.
+        collate: turns ``list[Record]`` into a batch dict (runs inside the worker).
+        train: shuffle shards per epoch, mix by weight, equal batch count per rank, drop the last partial
+            batch. Otherwise: every sample exactly once, in shard order, last batch partial.
+        required_sides: a record lacking one of these sides is skipped as ``missing_side``.
+        strict: raise :class:`DataError` on the first bad sample instead of counting it.
+        seed: base seed; the epoch (``set_epoch``) changes the shuffle.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        batch_size: int,
+        collate: Callable[[list[Record]], dict[str, Any]],
+        train: bool = True,
+        required_sides: Sequence[str] = ("query", "pos"),
+        strict: bool = False,
+        seed: int = 0,
+        shuffle_buffer: int = 0,
+    ):
+        if not sources:
+            raise ValueError("ShardStream needs at least one shard set")
+        self.sources = list(sources)
+        self.batch_size = batch_size
+        self.collate = collate
+        self.train = train
+        self.required_sides = tuple(required_sides)
+        self.strict = strict
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = 0
+        self.rank, self.world_size, self.num_workers = 0, 1, 1
+
+    # -- set by the DataModule before workers start ---------------------------------------------------------
+    def configure(self, rank: int, world_size: int, num_workers: int) -> None:
+        self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
+        if self.train:
+            n_slots = self.world_size * self.num_workers
+            for src in self.sources:
+                if len(src.index.shards) < n_slots:
+                    raise DataError(
+                        f"shard set {src.index.root} has {len(src.index.shards)} shards but training needs at least "
+                        f"one per worker slot ({self.world_size} ranks x {self.num_workers} workers = {n_slots}); "
+                        f"re-shard it smaller or lower data.num_workers"
+                    )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def promised(self) -> int:
+        return sum(src.index.total for src in self.sources)
+
+    def _plan(self) -> list[list[list[ShardInfo]]]:
+        """``plan[slot][source]`` = the shards that worker slot reads from each source this epoch."""
+        n_slots = self.world_size * self.num_workers
+        per_source = [
+            assign_shards(src.index.shards, n_slots, self.seed + 1000 * self.epoch + i if self.train else None)
+            for i, src in enumerate(self.sources)
+        ]
+        return [[per_source[i][slot] for i in range(len(self.sources))] for slot in range(n_slots)]
+
+    def _quotas(self, plan: list[list[list[ShardInfo]]]) -> list[int]:
+        """Full batches each slot must yield so that every rank yields the same number."""
+        full = [sum(s.count for shards in slot for s in shards) // self.batch_size for slot in plan]
+        per_rank = [full[r * self.num_workers : (r + 1) * self.num_workers] for r in range(self.world_size)]
+        steps = min(sum(r) for r in per_rank)
+        quotas = []
+        for rank_full in per_rank:
+            left = steps
+            for f in rank_full:
+                quotas.append(min(f, left))
+                left -= quotas[-1]
+        return quotas
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch (exact for training; from the index for evaluation)."""
+        plan = self._plan()
+        slots = range(self.rank * self.num_workers, (self.rank + 1) * self.num_workers)
+        if self.train:
+            quotas = self._quotas(plan)
+            return sum(quotas[s] for s in slots)
+        return sum(-(-sum(s.count for shards in plan[slot] for s in shards) // self.batch_size) for slot in slots)
+
+    # -- iteration -------------------------------------------------------------------------------------------
+    def _read_shard(self, shard: ShardInfo, stats: StreamStats) -> Iterator[Record]:
+        delivered = 0
+        try:
+            for raw in iter_raw_samples(shard.path):
+                delivered += 1
+                try:
+                    record = decode_sample(raw, shard=shard.path)
+                    missing = [s for s in self.required_sides if s not in record.sides]
+                    if missing:
+                        raise CorruptSample("missing_side", f"{record.key} in {shard.path} lacks {missing}")
+                except CorruptSample as err:
+                    if self.strict:
+                        raise DataError(f"bad sample (data.strict=true): {err}") from err
+                    stats.skipped[(err.reason, shard.path)] += 1
+                    continue
+                yield record
+        except TruncatedShard as err:
+            if self.strict:
+                raise DataError(f"truncated shard (data.strict=true): {err}") from err
+            # everything after the damage is lost: count it against what index.json promised
+            stats.skipped[("truncated_tar", shard.path)] += max(shard.count - delivered, 1)
+            return
+        if delivered < shard.count:
+            stats.skipped[("fewer_than_indexed", shard.path)] += shard.count - delivered
+
+    def _read_source(self, shards: list[ShardInfo], stats: StreamStats) -> Iterator[Record]:
+        for shard in shards:
+            yield from self._read_shard(shard, stats)
+
+    def _mixture(self, shard_lists: list[list[ShardInfo]], stats: StreamStats, rng: random.Random) -> Iterator[Record]:
+        """Interleave the sources by weight until all are exhausted (weights renormalised as sources end)."""
+        streams = [(self._read_source(shards, stats), src.weight) for shards, src in zip(shard_lists, self.sources) if shards]
+        while streams:
+            i = rng.choices(range(len(streams)), weights=[w for _, w in streams])[0] if self.train else 0
+            try:
+                yield next(streams[i][0])
+            except StopIteration:
+                streams.pop(i)
+
+    def _shuffled(self, records: Iterator[Record], rng: random.Random) -> Iterator[Record]:
+        if not (self.train and self.shuffle_buffer > 1):
+            yield from records
+            return
+        buffer: list[Record] = []
+        for record in records:
+            buffer.append(record)
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _batch(self, records: list[Record], stats: StreamStats) -> dict[str, Any]:
+        stats.delivered += len(records)
+        batch = self.collate(records) if records else {"keys": []}
+        batch["stats"] = stats.take()
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.num_workers:
+            raise DataError(f"stream configured for {self.num_workers} workers but runs in {info.num_workers}")
+        slot = self.rank * self.num_workers + worker
+        plan = self._plan()
+        shard_lists = plan[slot]
+        stats = StreamStats()
+        rng = random.Random(hash((self.seed, self.epoch, slot)))
+        if not self.train:
+            pending: list[Record] = []
+            for record in self._mixture(shard_lists, stats, rng):
+                pending.append(record)
+                if len(pending) == self.batch_size:
+                    yield self._batch(pending, stats)
+                    pending = []
+            if pending or stats.skipped:
+                yield self._batch(pending, stats)
+            return
+
+        quota = self._quotas(plan)[slot]
+        emitted, pending, passes = 0, [], 0
+        while emitted < quota:
+            got_any = False
+            for record in self._shuffled(self._mixture(shard_lists, stats, rng), rng):
+                got_any = True
+                if passes:
+                    stats.refilled += 1
+                pending.append(record)
+                if len(pending) == self.batch_size:
+                    yield self._batch(pending, stats)
+                    pending, emitted = [], emitted + 1
+                    if emitted == quota:
+                        break
+            passes += 1
+            if not got_any:
+                raise DataError(f"worker slot {slot} has no readable sample in {[s.path for l in shard_lists for s in l]}")
+
+
+def fetch_records(wanted: dict[str, set[str]]) -> dict[str, Record]:
+    """Read a few records back by key: ``{shard_path: {key, ...}}`` -> ``{key: Record}`` (for reports)."""
+    found: dict[str, Record] = {}
+    for shard, keys in wanted.items():
+        try:
+            for raw in iter_raw_samples(shard):
+                if raw["__key__"] in keys:
+                    found[raw["__key__"]] = decode_sample(raw, shard=shard)
+        except (TruncatedShard, CorruptSample):
+            continue  # a report shows what it can; the stream's accounting already counted the damage
+    return found

@@ -1,0 +1,53 @@
+"""``python -m unimm.eval [+experiment=NAME] ckpt_path=RUN/checkpoints/last.ckpt [eval=...]``.
+
+The model and its processor are rebuilt from the config stored in the checkpoint, so no training
+command line is needed; data, evaluation and runtime settings come from this command's config.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, MissingMandatoryValue
+
+from unimm.checkpoints import load_run
+from unimm.runtime import first_logger_with, instantiate_dict, set_environment_defaults
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    L.seed_everything(cfg.seed, workers=True)
+    if not cfg.get("eval"):
+        raise ValueError("eval: no evaluation chosen; pick one, e.g. eval=toy")
+    run = load_run(cfg.ckpt_path)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.attach_processor(run.processor)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
+    module = run.module.to(device)
+    loggers = instantiate_dict(cfg.get("logger"))
+    evaluator = instantiate(cfg.eval)
+    out_dir = Path(cfg.paths.output_dir)
+    metrics = evaluator.run(module, datamodule, out_dir, logger=first_logger_with(loggers, "log_image"), tag=f"step{run.step}")
+    for logger in loggers:
+        logger.finalize("success")
+    print(f"\nevaluated {cfg.ckpt_path} (step {run.step}); results in {out_dir}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    set_environment_defaults()
+    try:
+        evaluate(cfg)
+    except MissingMandatoryValue as err:
+        sys.exit(f"error: the config value '{err.full_key}' is required but not set; e.g. {err.full_key}=...")
+
+
+if __name__ == "__main__":
+    set_environment_defaults()
+    main()

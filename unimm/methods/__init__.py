@@ -1,0 +1,1 @@
+"""One LightningModule per method family, on a shared base."""

@@ -1,0 +1,57 @@
+"""The shared LightningModule base of the embedding families: optimizer, schedule, training logging."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+
+from unimm.training.optim import weight_decay_groups
+
+
+class EmbeddingModule(L.LightningModule):
+    """Base class: subclasses implement :meth:`encode_query`, :meth:`encode_candidate` and :meth:`compute_loss`.
+
+    Args:
+        optimizer: partial optimizer (``torch.optim.AdamW`` with lr, betas, weight_decay...); parameter groups
+            without weight decay are built here (see :func:`~unimm.training.optim.weight_decay_groups`).
+        scheduler: optional partial taking ``(optimizer, total_steps)``; stepped every optimizer step.
+    """
+
+    def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], scheduler: Callable | None = None):
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+
+    # -- what a family provides ------------------------------------------------------------------------------
+    def encode_query(self, side: dict[str, Any]) -> torch.Tensor:
+        """Embed the query side of a batch: ``[B, D]``, L2-normalised."""
+        raise NotImplementedError  # abstract
+
+    def encode_candidate(self, side: dict[str, Any]) -> torch.Tensor:
+        """Embed a candidate side of a batch: ``[B, D]``, L2-normalised."""
+        raise NotImplementedError  # abstract
+
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return ``(loss, terms_to_log)`` for a training batch."""
+        raise NotImplementedError  # abstract
+
+    # -- shared training logic ---------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, terms = self.compute_loss(batch)
+        size = len(batch["keys"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, batch_size=size)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
+        return loss
+
+    def configure_optimizers(self):
+        weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
+        optimizer = self.optimizer_factory(weight_decay_groups(self.named_parameters(), weight_decay))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

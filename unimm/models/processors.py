@@ -1,0 +1,83 @@
+"""Turning raw text and PIL images into model inputs. A processor belongs to a backbone; collators use it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPImageProcessorPil, PreTrainedTokenizerFast
+
+# Special tokens of the word-level tokenizer; the tiny CLIP text config uses these ids.
+PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+class TextImageProcessor:
+    """A tokenizer plus an image processor behind one small interface.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        image_processor: a Hugging Face image processor.
+        max_length: texts are truncated to this many tokens (CLIP: 77).
+    """
+
+    def __init__(self, tokenizer, image_processor, max_length: int = 77):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.max_length = max_length
+
+    def text(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Returns ``input_ids`` and ``attention_mask``, both ``[N, L]`` (right padded)."""
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def images(self, images: list[Image.Image]) -> torch.Tensor:
+        """Returns ``pixel_values`` ``[N, 3, H, W]``."""
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def pretrained_processor(path: str, max_length: int = 77) -> TextImageProcessor:
+    """Tokenizer and image processor saved in a local Hugging Face folder (e.g. openai/clip-vit-large-patch14)."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"processor folder not found: {path} (download the checkpoint and point the config at it)")
+    return TextImageProcessor(
+        AutoTokenizer.from_pretrained(path, local_files_only=True),
+        AutoImageProcessor.from_pretrained(path, local_files_only=True),
+        max_length,
+    )
+
+
+def word_level_tokenizer(vocab_file: str) -> PreTrainedTokenizerFast:
+    """A lowercase word-level tokenizer over the words in ``vocab_file`` (one per line), for tiny models.
+
+    Sequences are ``[BOS] words [EOS]``; the ids of the specials are fixed (PAD 0, UNK 1, BOS 2, EOS 3) so a
+    tiny CLIP text config can point its ``eos_token_id`` at 3 (CLIP pools at the first EOS).
+    """
+    words = [w.strip() for w in Path(vocab_file).read_text().splitlines() if w.strip()]
+    vocab = {tok: i for i, tok in enumerate([PAD, UNK, BOS, EOS])}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, BOS_ID), (EOS, EOS_ID)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS, padding_side="right"
+    )
+
+
+def word_level_processor(vocab_file: str, image_size: int = 32, max_length: int = 32) -> TextImageProcessor:
+    """Word-level tokenizer + CLIP image preprocessing at ``image_size``: the processor of tiny experiments."""
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return TextImageProcessor(word_level_tokenizer(vocab_file), image_processor, max_length)
+
+
+def vocab_size(vocab_file: str) -> int:
+    """Size of the word-level vocabulary built from ``vocab_file`` (specials included)."""
+    return len(word_level_tokenizer(vocab_file))

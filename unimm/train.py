@@ -1,0 +1,69 @@
+"""``python -m unimm.train [+experiment=NAME] [overrides]``: compose, build, fit, evaluate, summarise."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
+
+from unimm.runtime import build_trainer, first_logger_with, instantiate_dict, set_environment_defaults
+from unimm.training.callbacks import DataAccounting, StoreConfig, Throughput
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train and evaluate one run; returns the evaluation metrics (empty without an ``eval`` node)."""
+    started = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.output_dir)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()  # e.g. build the toy set: the processor and model may need its vocabulary
+    processor = instantiate(cfg.processor)
+    datamodule.attach_processor(processor)
+    model = instantiate(cfg.model)
+
+    throughput = Throughput()
+    callbacks = instantiate_dict(cfg.get("callbacks")) + [StoreConfig(cfg), DataAccounting(), throughput]
+    loggers = instantiate_dict(cfg.get("logger"))
+    trainer = build_trainer(cfg, callbacks, loggers)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("resume_from"))
+
+    metrics: dict[str, float] = {}
+    if cfg.get("eval") and not trainer.fast_dev_run:
+        evaluator = instantiate(cfg.eval)
+        metrics = evaluator.run(
+            model, datamodule, run_dir, logger=first_logger_with(loggers, "log_image"), tag=f"step{trainer.global_step}"
+        )
+    if trainer.is_global_zero:
+        summary = [
+            f"run folder: {run_dir}",
+            f"checkpoint: {run_dir / 'checkpoints' / 'last.ckpt'}",
+            f"steps: {trainer.global_step}, time: {time.perf_counter() - started:.1f} s, "
+            f"train throughput: {throughput.samples_per_sec:.1f} samples/s",
+        ]
+        if cfg.get("optimized_metric") in metrics:
+            summary.append(f"{cfg.optimized_metric}: {metrics[cfg.optimized_metric]:.2f}")
+        print("\n".join(["", "== unimm run summary ==", *summary]))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    set_environment_defaults()
+    try:
+        metrics = train(cfg)
+    except MissingMandatoryValue as err:
+        # name the key and how to set it instead of an OmegaConf traceback
+        sys.exit(f"error: the config value '{err.full_key}' is required but not set; "
+                 f"pass it on the command line, e.g. {err.full_key}=/path/to/it")
+    return metrics.get(cfg.get("optimized_metric")) if metrics else None
+
+
+if __name__ == "__main__":
+    set_environment_defaults()
+    main()

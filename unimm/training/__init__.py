@@ -1,0 +1,1 @@
+"""Training utilities: parameter groups, schedules, callbacks, strategies."""
