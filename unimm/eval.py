@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, MissingMandatoryValue
 
 from unimm.checkpoints import load_run
-from unimm.runtime import first_logger_with, instantiate_dict, set_environment_defaults
+from unimm.runtime import require_complete, first_logger_with, instantiate_dict, set_environment_defaults
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -42,6 +42,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     set_environment_defaults()
+    require_complete(cfg)
     try:
         evaluate(cfg)
     except MissingMandatoryValue as err:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import warnings
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
 def set_environment_defaults() -> None:
@@ -16,9 +18,34 @@ def set_environment_defaults() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched from a hub at run time
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its AVX2 probe is not news to a user
     warnings.filterwarnings("ignore", message=".*torchvision.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+
+
+def missing_keys(cfg: DictConfig | ListConfig, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is ``???`` (without resolving interpolations that point at them)."""
+    found = []
+    keys = cfg.keys() if isinstance(cfg, DictConfig) else range(len(cfg))
+    for key in keys:
+        path = f"{prefix}{key}" if isinstance(cfg, DictConfig) else f"{prefix.rstrip('.')}[{key}]"
+        if OmegaConf.is_missing(cfg, key):
+            found.append(path)
+            continue
+        child = cfg._get_node(key)
+        if isinstance(child, (DictConfig, ListConfig)) and not child._is_interpolation() and not child._is_none():
+            found += missing_keys(child, path + ".")
+    return found
+
+
+def require_complete(cfg: DictConfig, ignore: tuple[str, ...] = ("hydra",)) -> None:
+    """Fail before building anything when a required value (``???``) is unset, naming every such key."""
+    missing = sorted(k for k in missing_keys(cfg) if not k.startswith(ignore))
+    if missing:
+        examples = " ".join(f"{k}=..." for k in missing)
+        sys.exit(f"error: required config value(s) not set: {', '.join(missing)}\n"
+                 f"set them on the command line ({examples}) or in conf/local/default.yaml")
 
 
 def instantiate_dict(node: DictConfig | None) -> list[Any]:

@@ -11,7 +11,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
-from unimm.runtime import build_trainer, first_logger_with, instantiate_dict, set_environment_defaults
+from unimm.runtime import require_complete, build_trainer, first_logger_with, instantiate_dict, set_environment_defaults
 from unimm.training.callbacks import DataAccounting, StoreConfig, Throughput
 
 
@@ -55,6 +55,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     set_environment_defaults()
+    require_complete(cfg)
     try:
         metrics = train(cfg)
     except MissingMandatoryValue as err:

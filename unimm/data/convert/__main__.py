@@ -1,0 +1,149 @@
+"""Command line of the converters: ``python -m unimm.data.convert <format> ...``."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+
+def _ks(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(k) for k in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 1,5,10, got {text!r}"
+        ) from err
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m unimm.data.convert",
+        description="Convert public dataset formats into unimm shard sets and benchmark folders. "
+        "Skipped samples are counted by reason in <out>/convert_report.json.",
+    )
+    formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
+
+    mbeir = formats.add_parser(
+        "mbeir",
+        help="M-BEIR (UniIR) JSONL queries + candidate pool (+ qrels)",
+        description="Convert M-BEIR query JSONL, candidate pool JSONL and qrels. Image paths in the JSONL files "
+        "are relative to the M-BEIR root given with --images.",
+    )
+    modes = mbeir.add_subparsers(dest="mode", required=True, metavar="MODE")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--queries",
+        required=True,
+        help="query JSONL (qid, query_txt, query_img_path, query_modality, pos_cand_list, ...)",
+    )
+    common.add_argument(
+        "--pool", required=True, help="candidate pool JSONL (did, txt, img_path, modality, ...)"
+    )
+    common.add_argument(
+        "--images", required=True, help="M-BEIR root folder that img_path / query_img_path are relative to"
+    )
+    common.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first problem (missing or broken image, "
+        "malformed line, positive not in the pool) with an error naming the file and the sample",
+    )
+    common.add_argument("--shard-size", type=int, default=1000, help="records per tar shard (default 1000)")
+
+    train = modes.add_parser(
+        "train",
+        parents=[common],
+        help="training pairs: one record per query with its first positive candidate",
+        description="Write a training shard set: side query, side pos (the first positive of pos_cand_list found "
+        "in the pool), meta with qid, dataset, task, modalities, pos_cand_list and neg_cand_list. "
+        "The folder --out is replaced.",
+    )
+    train.add_argument("--out", required=True, help="output shard set folder (replaced)")
+
+    evaluation = modes.add_parser(
+        "eval",
+        parents=[common],
+        help="add one evaluation (queries + pool + qrels) to a benchmark folder",
+        description="Add an evaluation to the benchmark folder --out: writes pools/<pool-name> (kept when already "
+        "converted from the same pool file), queries/<name>, qrels/<name>.txt and the entry in benchmark.json. "
+        "Call it once per evaluation; the calls can share a pool and a benchmark folder.",
+    )
+    evaluation.add_argument("--name", required=True, help="evaluation name, e.g. mscoco_task0")
+    evaluation.add_argument(
+        "--qrels", required=True, help="qrels text file: 'qid 0 did rel task_id' per line"
+    )
+    evaluation.add_argument(
+        "--out", required=True, help="benchmark folder (created, or extended when it exists)"
+    )
+    evaluation.add_argument(
+        "--pool-name", default=None, help="pool name in the benchmark (default: the pool file's stem)"
+    )
+    evaluation.add_argument(
+        "--ks", type=_ks, default=(1, 5, 10), help="recall cutoffs, comma-separated (default 1,5,10)"
+    )
+    evaluation.add_argument(
+        "--report-k", type=int, default=5, help="the cutoff reported in summary tables (default 5)"
+    )
+
+    toy = formats.add_parser(
+        "toy",
+        help="build the bundled toy dataset (coloured sklearn digits; no download)",
+        description="Build the toy dataset: <out>/train (shard set), <out>/eval (benchmark), vocab.txt, toy.json.",
+    )
+    toy.add_argument("--out", required=True, help="output folder (replaced)")
+    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--image-size", type=int, default=32)
+    toy.add_argument("--n-train-per-task", type=int, default=1000)
+    toy.add_argument("--n-eval-queries", type=int, default=200)
+    toy.add_argument("--n-pool-images", type=int, default=600)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _run(args)
+    except (ValueError, FileNotFoundError) as err:
+        # bad input (strict-mode problems, missing files, malformed qrels): a message, not a traceback
+        parser.exit(2, f"error: {type(err).__name__}: {err}\n")
+
+
+def _run(args: argparse.Namespace) -> None:
+    # converters are imported only when chosen: the toy one loads scikit-learn
+    if args.format == "toy":
+        from unimm.data.toy import build_toy
+
+        build_toy(
+            args.out,
+            seed=args.seed,
+            image_size=args.image_size,
+            n_train_per_task=args.n_train_per_task,
+            n_eval_queries=args.n_eval_queries,
+            n_pool_images=args.n_pool_images,
+        )
+        return
+    from unimm.data.convert import mbeir
+
+    if args.mode == "train":
+        mbeir.convert_train(
+            args.queries, args.pool, args.images, args.out, strict=args.strict, shard_size=args.shard_size
+        )
+    else:
+        mbeir.convert_eval(
+            args.name,
+            args.queries,
+            args.pool,
+            args.qrels,
+            args.images,
+            args.out,
+            pool_name=args.pool_name,
+            ks=args.ks,
+            report_k=args.report_k,
+            strict=args.strict,
+            shard_size=args.shard_size,
+        )
+
+
+if __name__ == "__main__":
+    main()

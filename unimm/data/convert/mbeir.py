@@ -1,0 +1,521 @@
+"""Convert M-BEIR (UniIR) query files, candidate pools and qrels into unimm shards.
+
+Official formats (UniIR, HF dataset card TIGER-Lab/M-BEIR):
+
+    query JSONL   {"qid": "9:1", "query_txt": str|null, "query_img_path": "mbeir_images/..."|null,
+                   "query_modality": "text"|"image"|"image,text", "query_src_content": ...,
+                   "pos_cand_list": ["9:2", ...], "neg_cand_list": [...]}
+    pool JSONL    {"did": "9:2", "txt": str|null, "img_path": str|null, "modality": ..., "src_content": ...}
+    qrels         "qid 0 did rel task_id" per line
+
+Image paths are relative to the M-BEIR root. The dataset id is the prefix of a qid/did before ":"; the task is
+derived from (query modality, positive candidate modality), as M-BEIR has no task field in its queries.
+
+``train`` writes one record per query: side ``query``, side ``pos`` = the first positive found in the pool.
+``eval`` writes a benchmark (unimm.data.benchmark): the pool, the queries, the qrels and the evaluation entry.
+Every skipped line or sample is counted by reason in ``<out>/convert_report.json``; ``strict`` raises instead.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+from unimm.data.benchmark import BenchmarkWriter, read_qrels, replacing_shard_set
+from unimm.data.records import make_sample
+from unimm.data.shards import read_index
+
+DATASETS = {
+    0: "VisualNews",
+    1: "Fashion200K",
+    2: "WebQA",
+    3: "EDIS",
+    4: "NIGHTS",
+    5: "OVEN",
+    6: "INFOSEEK",
+    7: "FashionIQ",
+    8: "CIRR",
+    9: "MSCOCO",
+}
+# (query modality, candidate modality) -> M-BEIR task id; 5 is unused in UniIR's code
+TASK_IDS = {
+    ("text", "image"): 0,
+    ("text", "text"): 1,
+    ("text", "image,text"): 2,
+    ("image", "text"): 3,
+    ("image", "image"): 4,
+    ("image,text", "text"): 6,
+    ("image,text", "image"): 7,
+    ("image,text", "image,text"): 8,
+}
+_SHORT = {"text": "t", "image": "i", "image,text": "it"}
+MAX_EXAMPLES = 5
+REPORT_FILE = "convert_report.json"
+
+_console = Console(stderr=True)
+
+
+class ConversionError(ValueError):
+    """Raised in strict mode at the first problem; the message names the file, the line and the qid/did."""
+
+
+def task_name(query_modality: str, cand_modality: str) -> str:
+    """``("image,text", "image") -> "it2i"``."""
+    return f"{_SHORT[query_modality]}2{_SHORT[cand_modality]}"
+
+
+def dataset_id(mbeir_id: str) -> int | None:
+    """The M-BEIR dataset id of a qid/did (``"9:1" -> 9``), None when the prefix is not a number."""
+    prefix = mbeir_id.partition(":")[0]
+    return int(prefix) if prefix.isdigit() else None
+
+
+def dataset_name(mbeir_id: str) -> str:
+    ds = dataset_id(mbeir_id)
+    return DATASETS.get(ds, f"dataset{ds}" if ds is not None else "unknown")
+
+
+def sample_key(mbeir_id: str) -> str:
+    """A webdataset key for a qid/did: ``"9:1" -> "mbeir_9_1"`` (no dots, no path separators)."""
+    return "mbeir_" + re.sub(r"[^A-Za-z0-9_-]", "_", mbeir_id)
+
+
+def _clean_text(text: Any) -> str | None:
+    # M-BEIR writes null for "no text"; a blank string carries no text either
+    return text if isinstance(text, str) and text.strip() else None
+
+
+def _modality(text: str | None, image: Any) -> str | None:
+    if text is not None and image is not None:
+        return "image,text"
+    return "image" if image is not None else "text" if text is not None else None
+
+
+class _Part:
+    """Accounting for one input file: lines read, samples kept (written or indexed) or skipped, problems by reason."""
+
+    def __init__(self, path: str | os.PathLike, strict: bool):
+        self.path = str(path)
+        self.strict = strict
+        self.lines = self.kept = self.skipped = 0
+        self.problems: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+        self.notes: dict[str, Any] = {}
+
+    def problem(self, reason: str, where: str, detail: str = "") -> None:
+        message = f"{self.path}:{where}" + (f": {detail}" if detail else "")
+        if self.strict:
+            raise ConversionError(f"{reason}: {message}")
+        self.problems[reason] += 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < MAX_EXAMPLES:
+            examples.append(message)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.path,
+            "lines": self.lines,
+            "kept": self.kept,
+            "skipped": self.skipped,
+            "problems": dict(self.problems),
+            "examples": self.examples,
+            **self.notes,
+        }
+
+
+def _iter_jsonl(part: _Part, label: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) for every non-blank line; malformed lines are counted as ``bad_json``."""
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    disable = os.environ.get("UNIMM_PROGRESS", "1") == "0"  # the switch of unimm.utils.progress.track
+    with (
+        open(part.path, "rb") as f,
+        Progress(*columns, console=_console, transient=True, disable=disable) as progress,
+    ):
+        task = progress.add_task(label, total=os.fstat(f.fileno()).st_size)
+        for lineno, line in enumerate(f, 1):
+            progress.advance(task, len(line))
+            if not line.strip():
+                continue
+            part.lines += 1
+            try:
+                obj = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                obj, detail = None, str(err)
+            else:
+                detail = f"expected a JSON object, got {type(obj).__name__}"
+            if not isinstance(obj, dict):
+                part.problem("bad_json", f"{lineno}", detail)
+                part.skipped += 1
+                continue
+            yield lineno, obj
+
+
+def _load_image(images: Path, rel_path: str, part: _Part, where: str) -> tuple[bytes, str] | None:
+    """Read and fully decode an image; returns (bytes, ext) with JPEG/PNG kept as is, other formats as PNG."""
+    path = images / rel_path
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        part.problem("missing_image", where, f"{path}: {err.strerror or err}")
+        return None
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # a truncated file must fail here, not in a training run
+    except Exception as err:  # PIL raises many types for broken files
+        part.problem("bad_image", where, f"{path}: {err}")
+        return None
+    if image.format in ("JPEG", "PNG"):
+        return data, "jpg" if image.format == "JPEG" else "png"
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return buf.getvalue(), "png"
+
+
+class _Side:
+    """One side read from M-BEIR fields: text (None when null or blank) and an image as (bytes, ext)."""
+
+    def __init__(self, text: str | None, image: tuple[bytes, str] | None):
+        self.text = _clean_text(text)
+        self.image = image
+
+    @property
+    def modality(self) -> str | None:
+        return _modality(self.text, self.image)
+
+    def fields(self, name: str) -> dict[str, bytes]:
+        out = {}
+        if self.text is not None:
+            out[f"{name}.txt"] = self.text.encode("utf-8")
+        if self.image is not None:
+            out[f"{name}.{self.image[1]}"] = self.image[0]
+        return out
+
+
+def _read_side(text: Any, img_path: Any, images: Path, part: _Part, where: str, what: str) -> _Side | None:
+    """Build a side; None (problem counted) when its image fails or it has neither text nor image."""
+    image = None
+    if img_path:
+        image = _load_image(images, str(img_path), part, where)
+        if image is None:
+            return None
+    side = _Side(text, image)
+    if side.modality is None:
+        part.problem(f"empty_{what}", where, "neither text nor image")
+        return None
+    return side
+
+
+def _sample(key: str, meta: dict[str, Any], **sides: _Side) -> dict[str, Any]:
+    # make_sample gives every image one extension; M-BEIR mixes JPEG and PNG, so image fields are added here
+    sample = make_sample(key, meta)
+    for name, side in sides.items():
+        sample.update(side.fields(name))
+    return sample
+
+
+def _id_field(obj: dict[str, Any], field: str, part: _Part, lineno: int) -> str | None:
+    value = obj.get(field)
+    if isinstance(value, int):
+        value = str(value)
+    if not isinstance(value, str) or not value:
+        part.problem("bad_record", f"{lineno}", f"no {field!r} field")
+        part.skipped += 1
+        return None
+    return value
+
+
+def _read_pool_index(pool: _Part) -> dict[str, tuple[Any, Any]]:
+    """did -> (txt, img_path) for every well-formed pool line."""
+    candidates: dict[str, tuple[Any, Any]] = {}
+    for lineno, obj in _iter_jsonl(pool, f"pool {Path(pool.path).name}"):
+        did = _id_field(obj, "did", pool, lineno)
+        if did is None:
+            continue
+        if did in candidates:
+            pool.problem("duplicate_did", f"{lineno} did={did}")
+            pool.skipped += 1
+            continue
+        candidates[did] = (obj.get("txt"), obj.get("img_path"))
+    return candidates
+
+
+def _first_positive(
+    q: dict[str, Any], candidates: dict[str, tuple[Any, Any]], images: Path, part: _Part, where: str
+) -> tuple[str | None, _Side | None]:
+    """The first did of ``pos_cand_list`` that is in the pool and loads; problems on the way are counted."""
+    for did in q.get("pos_cand_list") or []:
+        if did not in candidates:
+            part.problem("pos_not_in_pool", where, f"positive did={did} is not in the pool")
+            continue
+        pos = _read_side(*candidates[did], images, part, f"{where} did={did}", "candidate")
+        if pos is not None:
+            return did, pos
+    part.problem("no_usable_positive", where, f"pos_cand_list={q.get('pos_cand_list')}")
+    return None, None
+
+
+def convert_train(
+    queries: str | os.PathLike,
+    pool: str | os.PathLike,
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    strict: bool = False,
+    shard_size: int = 1000,
+) -> dict[str, Any]:
+    """Write one training record per query into the shard set ``out`` (replaced); returns the report.
+
+    Record: ``query`` side (text and/or image of the query), ``pos`` side (the first positive of
+    ``pos_cand_list`` found in the pool whose image loads), meta {"qid", "dataset", "dataset_id", "task",
+    "task_id", "query_modality", "pos_modality", "pos_did", "pos_cand_list", "neg_cand_list"}.
+    Key ``sample_key(qid)``; a repeated qid (UniIR's upsampled files repeat queries) gets ``_dupN``.
+    """
+    start = time.perf_counter()
+    images, out = Path(images), Path(out)
+    pool_part, query_part = _Part(pool, strict), _Part(queries, strict)
+    candidates = _read_pool_index(pool_part)
+    pool_part.kept = len(candidates)
+    seen: Counter[str] = Counter()
+    source = f"M-BEIR queries {Path(queries).resolve()} pool {Path(pool).resolve()}"
+    with replacing_shard_set(
+        out, max_count=shard_size, source=source, converter="unimm.data.convert.mbeir train"
+    ) as w:
+        for lineno, q in _iter_jsonl(query_part, f"queries {Path(queries).name}"):
+            qid = _id_field(q, "qid", query_part, lineno)
+            if qid is None:
+                continue
+            where = f"{lineno} qid={qid}"
+            query = _read_side(
+                q.get("query_txt"), q.get("query_img_path"), images, query_part, where, "query"
+            )
+            if query is None:
+                query_part.skipped += 1
+                continue
+            pos_did, pos = _first_positive(q, candidates, images, query_part, where)
+            if pos is None:
+                query_part.skipped += 1
+                continue
+            key = sample_key(qid)
+            seen[key] += 1
+            if seen[key] > 1:
+                key = f"{key}_dup{seen[key] - 1}"
+            meta = {
+                "qid": qid,
+                "dataset": dataset_name(qid),
+                "dataset_id": dataset_id(qid),
+                "task": task_name(query.modality, pos.modality),
+                "task_id": TASK_IDS.get((query.modality, pos.modality)),
+                "query_modality": query.modality,
+                "pos_modality": pos.modality,
+                "pos_did": pos_did,
+                "pos_cand_list": list(q.get("pos_cand_list") or []),
+                "neg_cand_list": list(q.get("neg_cand_list") or []),
+            }
+            w.write(_sample(key, meta, query=query, pos=pos))
+            query_part.kept += 1
+    query_part.notes["repeated_qids"] = sum(n - 1 for n in seen.values())
+    report = {
+        "mode": "train",
+        "out": str(out),
+        "strict": strict,
+        "seconds": round(time.perf_counter() - start, 2),
+        "queries": query_part.as_dict(),
+        "pool": pool_part.as_dict(),
+    }
+    _save_report(out, "train", report)
+    return report
+
+
+def _pool_source(pool: Path, images: Path) -> str:
+    """Identifies a pool conversion: same file (path, size, mtime) and same image root means same shards."""
+    st = pool.stat()
+    return (
+        f"M-BEIR pool {pool.resolve()} size={st.st_size} mtime_ns={st.st_mtime_ns} images={images.resolve()}"
+    )
+
+
+def _write_pool(
+    bench: BenchmarkWriter, name: str, part: _Part, images: Path, source: str, shard_size: int
+) -> dict[str, str]:
+    """Write the pool shard set; returns did -> modality of every written candidate."""
+    modalities: dict[str, str] = {}
+    with bench.pool_writer(
+        name, max_count=shard_size, source=source, converter="unimm.data.convert.mbeir eval"
+    ) as w:
+        for lineno, c in _iter_jsonl(part, f"pool {Path(part.path).name}"):
+            did = _id_field(c, "did", part, lineno)
+            if did is None:
+                continue
+            where = f"{lineno} did={did}"
+            if did in modalities:
+                part.problem("duplicate_did", where)
+                part.skipped += 1
+                continue
+            cand = _read_side(c.get("txt"), c.get("img_path"), images, part, where, "candidate")
+            if cand is None:
+                part.skipped += 1
+                continue
+            meta = {
+                "did": did,
+                "modality": cand.modality,
+                "dataset": dataset_name(did),
+                "dataset_id": dataset_id(did),
+            }
+            w.write(_sample(sample_key(did), meta, cand=cand))
+            modalities[did] = cand.modality
+            part.kept += 1
+    return modalities
+
+
+def _summary(values: Counter[str]) -> str:
+    """The single value of a column, or the values joined by '+' when an evaluation mixes several."""
+    return "+".join(sorted(values)) if values else "unknown"
+
+
+def convert_eval(
+    name: str,
+    queries: str | os.PathLike,
+    pool: str | os.PathLike,
+    qrels: str | os.PathLike,
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    pool_name: str | None = None,
+    ks: tuple[int, ...] = (1, 5, 10),
+    report_k: int = 5,
+    strict: bool = False,
+    shard_size: int = 1000,
+) -> dict[str, Any]:
+    """Add evaluation ``name`` to the benchmark folder ``out``; returns the report.
+
+    Writes ``pools/<pool_name>`` (default: the pool file's stem; kept as is when it was written from the same
+    pool file and image root), ``queries/<name>`` (side ``query``; meta {"qid", "dataset", "dataset_id",
+    "task", "task_id", "query_modality", "pos_cand_list"}), ``qrels/<name>.txt`` (a copy) and the entry in
+    benchmark.json. Queries whose positives are missing from the pool are kept (they count as misses, as in
+    UniIR) and reported.
+    """
+    start = time.perf_counter()
+    images, out, pool = Path(images), Path(out), Path(pool)
+    pool_name = pool_name or pool.stem
+    bench = BenchmarkWriter(out)
+    pool_part, query_part = _Part(pool, strict), _Part(queries, strict)
+    source = _pool_source(pool, images)
+    relevant = read_qrels(qrels)  # a malformed qrels file fails here, before the long pool conversion
+    try:
+        reused = read_index(bench.pool_path(pool_name)).source == source
+    except FileNotFoundError:
+        reused = False
+    if reused:
+        # the pool's own problems were reported when it was written; only the dids are needed now
+        modalities = {
+            did: _modality(_clean_text(txt), img_path or None)
+            for did, (txt, img_path) in _read_pool_index(pool_part).items()
+        }
+        modalities = {did: m for did, m in modalities.items() if m is not None}
+        pool_part.kept = len(modalities)
+        bench.add_pool(pool_name)
+    else:
+        modalities = _write_pool(bench, pool_name, pool_part, images, source, shard_size)
+    pool_part.notes["pool"] = pool_name
+    pool_part.notes["reused"] = reused
+
+    columns: dict[str, Counter[str]] = {
+        c: Counter() for c in ("dataset", "task", "query_modality", "cand_modality")
+    }
+    keys: set[str] = set()
+    with bench.query_writer(
+        name,
+        max_count=shard_size,
+        source=f"M-BEIR queries {Path(queries).resolve()}",
+        converter="unimm.data.convert.mbeir eval",
+    ) as w:
+        for lineno, q in _iter_jsonl(query_part, f"queries {Path(queries).name}"):
+            qid = _id_field(q, "qid", query_part, lineno)
+            if qid is None:
+                continue
+            where = f"{lineno} qid={qid}"
+            key = sample_key(qid)
+            if key in keys:
+                query_part.problem("duplicate_qid", where)
+                query_part.skipped += 1
+                continue
+            query = _read_side(
+                q.get("query_txt"), q.get("query_img_path"), images, query_part, where, "query"
+            )
+            if query is None:
+                query_part.skipped += 1
+                continue
+            positives = relevant.get(qid, set())
+            if not positives:
+                query_part.problem("no_qrels", where, f"no relevant did in {qrels}")
+            for did in sorted(positives - modalities.keys()):
+                query_part.problem(
+                    "qrel_not_in_pool", where, f"relevant did={did} is not in pool {pool_name}"
+                )
+            # the candidate modality comes from the first positive in the pool, in pos_cand_list order
+            ordered = [d for d in (q.get("pos_cand_list") or []) if d in positives] + sorted(positives)
+            cand_modality = next((modalities[d] for d in ordered if d in modalities), None)
+            task = task_name(query.modality, cand_modality) if cand_modality else "unknown"
+            meta = {
+                "qid": qid,
+                "dataset": dataset_name(qid),
+                "dataset_id": dataset_id(qid),
+                "task": task,
+                "task_id": TASK_IDS.get((query.modality, cand_modality)),
+                "query_modality": query.modality,
+                "pos_cand_list": list(q.get("pos_cand_list") or []),
+            }
+            w.write(_sample(key, meta, query=query))
+            keys.add(key)
+            query_part.kept += 1
+            for column, value in (
+                ("dataset", meta["dataset"]),
+                ("task", task),
+                ("query_modality", query.modality),
+                ("cand_modality", cand_modality or "unknown"),
+            ):
+                columns[column][value] += 1
+    with open(qrels) as f:
+        bench.write_qrels(name, f)
+    bench.add_evaluation(
+        name, pool=pool_name, ks=ks, report_k=report_k, **{c: _summary(v) for c, v in columns.items()}
+    )
+    bench.save()
+    report = {
+        "mode": "eval",
+        "out": str(out),
+        "strict": strict,
+        "seconds": round(time.perf_counter() - start, 2),
+        "qrels": str(qrels),
+        "queries": query_part.as_dict(),
+        "pool": pool_part.as_dict(),
+    }
+    _save_report(out, name, report)
+    return report
+
+
+def _save_report(out: Path, name: str, report: dict[str, Any]) -> None:
+    """Merge ``{name: report}`` into ``<out>/convert_report.json`` and print a summary."""
+    path = out / REPORT_FILE
+    reports = json.loads(path.read_text()) if path.is_file() else {}
+    reports[name] = report
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(reports, indent=1) + "\n")
+    os.replace(tmp, path)
+    for part in ("pool", "queries"):
+        r = report[part]
+        problems = ", ".join(f"{reason}={n}" for reason, n in sorted(r["problems"].items())) or "none"
+        print(
+            f"[{name}] {part} {r['file']}: {r['lines']} lines, {r['kept']} kept, {r['skipped']} skipped; "
+            f"problems: {problems}"
+        )
+    print(f"[{name}] report: {path}")

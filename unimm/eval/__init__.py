@@ -1,0 +1,1 @@
+"""Shared evaluation: metrics, faiss index, the retrieval evaluator and reports."""
