@@ -38,7 +38,8 @@ def run_cli(module: str, *overrides: str, cwd: Path, check: bool = True, timeout
     return proc
 
 
-def single_run_dir(log_dir: Path, task_name: str) -> Path:
-    runs = sorted(glob.glob(str(log_dir / task_name / "runs" / "*")))
-    assert len(runs) == 1, f"expected one run folder under {log_dir / task_name / 'runs'}, found {runs}"
+def single_run_dir(log_dir: Path, task_name: str, kind: str = "runs") -> Path:
+    """The one run folder of ``task_name`` (``kind`` = runs for training, evals for unimm.eval)."""
+    runs = sorted(glob.glob(str(log_dir / task_name / kind / "*")))
+    assert len(runs) == 1, f"expected one run folder under {log_dir / task_name / kind}, found {runs}"
     return Path(runs[0])

@@ -25,7 +25,7 @@ def test_ddp_two_processes_train_and_evaluate_like_one(toy_data_dir, tmp_path):
     eval_logs = tmp_path / "eval"
     run_cli("unimm.eval", f"+experiment={EXPERIMENT}", f"ckpt_path={run_dir}/checkpoints/last.ckpt",
             f"paths.data_dir={toy_data_dir}", f"paths.log_dir={eval_logs}", "logger=csv", "data.num_workers=1", cwd=tmp_path)
-    single = json.loads((single_run_dir(eval_logs, "eval") / "metrics.json").read_text())
+    single = json.loads((single_run_dir(eval_logs, EXPERIMENT, "evals") / "metrics.json").read_text())
     assert single.keys() == ddp_metrics.keys()
     for key, value in ddp_metrics.items():
         assert single[key] == pytest.approx(value, abs=1e-6), key

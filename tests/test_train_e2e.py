@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 from math import comb
@@ -42,7 +43,7 @@ def untrained_metrics(data_dir: Path, out_dir: Path) -> dict[str, float]:
 def trained_run(toy_data_dir, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("logs")
     proc = run_cli("unimm.train", f"+experiment={EXPERIMENT}", f"paths.data_dir={toy_data_dir}", f"paths.log_dir={log_dir}",
-                   "trainer.max_epochs=4", cwd=log_dir)
+                   "trainer.max_epochs=4", "logger=[wandb,csv]", cwd=log_dir)
     return single_run_dir(log_dir, EXPERIMENT), proc
 
 
@@ -61,14 +62,19 @@ def test_toy_training_beats_untrained_and_chance(trained_run, toy_data_dir, tmp_
     assert (run_dir / "examples_toy_toy_t2i.png").stat().st_size > 1000
 
 
+def _csv_metric(run_dir: Path, name: str) -> list[float]:
+    rows = list(csv.DictReader(open(next(run_dir.glob("csv/version_*/metrics.csv")))))
+    return [float(r[name]) for r in rows if r.get(name)]
+
+
 def test_loss_falls(trained_run):
     run_dir, _ = trained_run
-    history = sorted(glob.glob(str(run_dir / "wandb" / "offline-run-*")))
-    assert history, "wandb offline run folder was not written"
-    # the checkpoint's config + wandb summary are checked elsewhere; the loss curve is in the wandb history:
-    # read it back through the stored run file is wandb-internal, so compare the logged summary instead
-    summary = json.loads(Path(history[0], "files", "wandb-summary.json").read_text())
-    assert summary["train/loss"] < 3.0  # ln(64) = 4.16 is the loss of a random model at batch 64
+    losses = _csv_metric(run_dir, "train/loss")
+    assert len(losses) >= 10
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    assert last < 0.6 * first, (first, last)
+    assert _csv_metric(run_dir, "train/samples_per_sec") and _csv_metric(run_dir, "train/lr")
+    assert _csv_metric(run_dir, "data/delivered")[0] > 2500  # the epoch accounting reached the logger
 
 
 def test_checkpoint_reloads_through_eval_to_the_same_metrics(trained_run, toy_data_dir, tmp_path):
@@ -76,20 +82,23 @@ def test_checkpoint_reloads_through_eval_to_the_same_metrics(trained_run, toy_da
     trained = json.loads((run_dir / "metrics.json").read_text())
     run_cli("unimm.eval", f"+experiment={EXPERIMENT}", f"ckpt_path={run_dir}/checkpoints/last.ckpt",
             f"paths.data_dir={toy_data_dir}", f"paths.log_dir={tmp_path}", "logger=csv", cwd=tmp_path)
-    reloaded = json.loads((single_run_dir(tmp_path, "eval") / "metrics.json").read_text())
+    reloaded = json.loads((single_run_dir(tmp_path, EXPERIMENT, "evals") / "metrics.json").read_text())
     assert reloaded.keys() == trained.keys()
     for key, value in trained.items():
         assert reloaded[key] == pytest.approx(value, abs=1e-6), key
 
 
-def test_wandb_offline_run_has_metrics_and_examples(trained_run):
+def test_wandb_offline_run_has_history_and_examples(trained_run):
     run_dir, _ = trained_run
-    run = Path(sorted(glob.glob(str(run_dir / "wandb" / "offline-run-*")))[0])
-    summary = json.loads((run / "files" / "wandb-summary.json").read_text())
-    for key in ("train/loss", "train/lr", "train/samples_per_sec", "val/toy/toy_t2i/hit@5"):
-        assert key in summary, key
-    assert glob.glob(str(run / "files" / "media" / "images" / "**" / "*.png"), recursive=True)
-    assert glob.glob(str(run / "files" / "media" / "table" / "**" / "*.json"), recursive=True)
+    runs = sorted(glob.glob(str(run_dir / "wandb" / "offline-run-*")))
+    assert len(runs) == 1, "exactly one wandb offline run folder"
+    run = Path(runs[0])
+    assert next(run.glob("run-*.wandb")).stat().st_size > 10_000  # the logged history (binary, synced later)
+    images = glob.glob(str(run / "files" / "media" / "images" / "val" / "toy" / "examples_*.png"))
+    assert len(images) == 3  # one retrieval grid per evaluation
+    tables = glob.glob(str(run / "files" / "media" / "table" / "val" / "toy" / "*.table.json"))
+    table = json.loads(Path(tables[0]).read_text())
+    assert [row[0] for row in table["data"]] == ["t2i / toy", "i2t / toy", "it2i / toy"]
 
 
 def test_multirun_sweep_gives_each_run_its_folder(toy_data_dir, tmp_path):

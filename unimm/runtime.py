@@ -6,10 +6,15 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+# The Hydra tree lives beside the package (installed editable by `make install`); UNIMM_CONF_DIR points elsewhere.
+CONF_DIR = os.environ.get("UNIMM_CONF_DIR", str(Path(__file__).resolve().parents[1] / "conf"))
 
 
 def set_environment_defaults() -> None:
@@ -66,3 +71,12 @@ def first_logger_with(loggers: list, method: str):
         if hasattr(logger, method):
             return logger
     return loggers[0] if loggers else None
+
+
+def close_loggers(loggers: list) -> None:
+    """Flush and close loggers; wandb writes its run summary only when the run is finished."""
+    for logger in loggers:
+        logger.finalize("success")
+        finish = getattr(getattr(logger, "_experiment", None), "finish", None)
+        if callable(finish):
+            finish()

@@ -11,7 +11,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
-from unimm.runtime import require_complete, build_trainer, first_logger_with, instantiate_dict, set_environment_defaults
+from unimm.runtime import CONF_DIR, close_loggers, require_complete, build_trainer, first_logger_with, instantiate_dict, set_environment_defaults
 from unimm.training.callbacks import DataAccounting, StoreConfig, Throughput
 
 
@@ -39,6 +39,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics = evaluator.run(
             model, datamodule, run_dir, logger=first_logger_with(loggers, "log_image"), tag=f"step{trainer.global_step}"
         )
+    close_loggers(loggers)
     if trainer.is_global_zero:
         summary = [
             f"run folder: {run_dir}",
@@ -52,7 +53,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     set_environment_defaults()
     require_complete(cfg)

@@ -12,79 +12,129 @@ from PIL import Image, ImageDraw, ImageFont
 
 from unimm.data.records import Item
 
-GREEN, RED, GREY, WHITE = (40, 160, 60), (200, 40, 40), (150, 150, 150), (255, 255, 255)
-BORDER = 4
+GREEN, RED, GREY, WHITE, BLACK = (40, 160, 60), (200, 40, 40), (150, 150, 150), (255, 255, 255), (0, 0, 0)
+BORDER = 4  # frame width of a tile, in pixels
+MISSING = "–"  # en dash, as in the papers' tables
 
 
 def markdown_table(
-    rows: Sequence[str], columns: Sequence[str], values: dict[tuple[str, str], float | None], title: str | None = None,
-    average_row: bool = True, fmt: str = "{:.1f}",
+    rows: Sequence[str],
+    columns: Sequence[str],
+    values: dict[tuple[str, str], float | None],
+    title: str | None = None,
+    average_row: bool = True,
+    fmt: str = "{:.1f}",
+    average_over: str = "complete_rows",
+    row_header: str = "",
 ) -> str:
-    """Rows = task / dataset, columns = metrics or models; missing cells print as "–".
+    """A Markdown table: ``rows`` (task / dataset) by ``columns`` (models or metrics).
 
-    The Average row averages each column over the rows that have a value in that column.
+    Args:
+        values: ``(row, column) -> value``; absent keys and None print as "–".
+        title: printed in bold above the table.
+        average_row: append an Average row.
+        average_over: ``"complete_rows"`` (default): every column is averaged over the same rows, those with a
+            value in *every* column, so the averages of different models are comparable; when some rows are
+            left out the label says how many were used, e.g. "Average (2/3 rows)". ``"each_column"``: each
+            column over its own rows with a value (for metric columns that exist only for some datasets).
+            A column with no row to average prints "–".
+        fmt: format of the numbers.
+        row_header: text of the top-left header cell.
     """
-    def cell(v):
-        return "–" if v is None else fmt.format(v)
+    if average_over not in ("complete_rows", "each_column"):
+        raise ValueError(f"average_over must be 'complete_rows' or 'each_column', got {average_over!r}")
 
-    lines = [f"**{title}**", ""] if title else []
-    lines.append("| " + " | ".join(["", *columns]) + " |")
-    lines.append("|" + "---|" * (len(columns) + 1))
-    for row in rows:
-        lines.append("| " + " | ".join([row, *[cell(values.get((row, c))) for c in columns]]) + " |")
+    def line(cells) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    def cell(v) -> str:
+        return MISSING if v is None else fmt.format(v)
+
+    out = [f"**{title}**", ""] if title else []
+    out += [line([row_header, *columns]), "|---|" + "---:|" * len(columns)]
+    out += [line([r, *[cell(values.get((r, c))) for c in columns]]) for r in rows]
     if average_row and rows:
+        complete = [r for r in rows if all(values.get((r, c)) is not None for c in columns)]
+        label = "**Average**"
+        if average_over == "complete_rows" and len(complete) < len(rows):
+            label = f"**Average ({len(complete)}/{len(rows)} rows)**"
         avgs = []
         for c in columns:
-            present = [values[(r, c)] for r in rows if values.get((r, c)) is not None]
-            avgs.append(sum(present) / len(present) if present else None)
-        lines.append("| " + " | ".join(["**Average**", *[cell(v) for v in avgs]]) + " |")
-    return "\n".join(lines)
+            used = complete if average_over == "complete_rows" else [r for r in rows if values.get((r, c)) is not None]
+            avgs.append(sum(values[(r, c)] for r in used) / len(used) if used else None)
+        out.append(line([label, *[cell(v) for v in avgs]]))
+    return "\n".join(out)
 
 
 def write_metrics_json(path: str | os.PathLike, metrics: dict) -> None:
-    """Write ``metrics`` as JSON atomically (a reader never sees a half-written file)."""
+    """Write ``metrics`` as JSON (sorted keys, indent 2) atomically: a reader sees the old or the new file."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same directory, so os.replace is atomic
+    try:
+        with open(tmp, "w") as f:
+            json.dump(metrics, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _tile(item: Item, size: int, border: tuple[int, int, int]) -> Image.Image:
-    """One candidate or query as a ``size`` x ``size`` tile: the image (fitted) and/or its text, framed."""
+    """One query or candidate as a ``size`` x ``size`` tile framed in ``border``: the image fitted in, and its
+    text wrapped below it (or alone when there is no image)."""
     tile = Image.new("RGB", (size, size), border)
     inner = Image.new("RGB", (size - 2 * BORDER, size - 2 * BORDER), WHITE)
     draw = ImageDraw.Draw(inner)
     font = ImageFont.load_default()
+    line_h = font.getbbox("Ag")[3] + 2
     text_h = 0
     if item.text:
-        lines = textwrap.wrap(item.text, width=max(8, inner.width // 6))[: 8 if item.image is None else 3]
-        text_h = 11 * len(lines) + 2
+        char_w = max(1.0, font.getlength("abcdefghijklmnopqrstuvwxyz") / 26)
+        max_lines = max(1, (inner.height // line_h) // (3 if item.image is not None else 1))
+        lines = textwrap.wrap(item.text, width=max(4, int((inner.width - 4) / char_w)))
+        if len(lines) > max_lines:
+            lines = lines[:max_lines]
+            lines[-1] = lines[-1][:-1] + "…"
+        text_h = line_h * len(lines)
         y0 = inner.height - text_h if item.image is not None else 2
-        for i, line in enumerate(lines):
-            draw.text((2, y0 + 11 * i), line, fill=(0, 0, 0), font=font)
+        for i, text in enumerate(lines):
+            draw.text((2, y0 + line_h * i), text, fill=BLACK, font=font)
     if item.image is not None:
-        box = (inner.width, max(8, inner.height - text_h))
-        image = item.image.copy()
-        image.thumbnail(box, Image.Resampling.NEAREST if max(image.size) < box[0] else Image.Resampling.BICUBIC)
-        if max(image.size) < min(box):  # small images (toy digits) are scaled up to be visible
-            scale = min(box) // max(image.size)
-            image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
-        inner.paste(image, ((inner.width - image.width) // 2, (box[1] - image.height) // 2))
+        box_w, box_h = inner.width, max(8, inner.height - text_h)
+        w, h = item.image.size
+        scale = min(box_w / w, box_h / h)
+        # nearest keeps small images (toy digits) crisp when blown up; bicubic for photos being shrunk
+        image = item.image.convert("RGB").resize(
+            (max(1, int(w * scale)), max(1, int(h * scale))),
+            Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BICUBIC)
+        inner.paste(image, ((box_w - image.width) // 2, (box_h - image.height) // 2))
     tile.paste(inner, (BORDER, BORDER))
     return tile
 
 
-def retrieval_grid(rows: Sequence[tuple[Item, Sequence[Item], Sequence[bool]]], tile: int = 128, max_rows: int = 8) -> Image.Image:
-    """One row per query: the query tile (grey frame), then its top-k candidates (green = relevant, red = not).
+def retrieval_grid(rows: Sequence[tuple[Item, Sequence[Item], Sequence[bool]]], tile: int = 128,
+                   max_rows: int = 8) -> Image.Image:
+    """Retrieval examples for a person to look at: one row per query (at most ``max_rows``).
 
-    Returns an image of width ``tile * (1 + k) + gap`` and height ``tile * rows``.
+    Each row is the query tile (grey frame), a gap of ``tile // 4`` white pixels, then its top-k candidates
+    best first (green frame = relevant, red = not). Tiles are ``tile`` x ``tile`` with a ``BORDER``-pixel frame.
+
+    Args:
+        rows: ``(query, candidates, relevant)`` with ``len(candidates) == len(relevant)``.
+    Returns:
+        An RGB image of size ``(tile * (1 + k) + tile // 4, tile * n_rows)``, k the longest candidate list.
     """
+    if tile < 4 * BORDER:
+        raise ValueError(f"tile must be at least {4 * BORDER} pixels, got {tile}")
     rows = list(rows)[:max_rows]
     k = max((len(c) for _, c, _ in rows), default=0)
     gap = tile // 4
     grid = Image.new("RGB", (tile * (1 + k) + gap, tile * max(1, len(rows))), WHITE)
     for r, (query, cands, relevant) in enumerate(rows):
+        if len(cands) != len(relevant):
+            raise ValueError(f"row {r}: {len(cands)} candidates but {len(relevant)} relevance flags")
         grid.paste(_tile(query, tile, GREY), (0, r * tile))
-        for c, (cand, rel) in enumerate(zip(cands, relevant)):
+        for c, (cand, rel) in enumerate(zip(cands, relevant, strict=True)):
             grid.paste(_tile(cand, tile, GREEN if rel else RED), (tile + gap + c * tile, r * tile))
     return grid

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, MissingMandatoryValue
 
 from unimm.checkpoints import load_run
-from unimm.runtime import require_complete, first_logger_with, instantiate_dict, set_environment_defaults
+from unimm.runtime import CONF_DIR, close_loggers, require_complete, first_logger_with, instantiate_dict, set_environment_defaults
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -33,13 +33,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     evaluator = instantiate(cfg.eval)
     out_dir = Path(cfg.paths.output_dir)
     metrics = evaluator.run(module, datamodule, out_dir, logger=first_logger_with(loggers, "log_image"), tag=f"step{run.step}")
-    for logger in loggers:
-        logger.finalize("success")
+    close_loggers(loggers)
     print(f"\nevaluated {cfg.ckpt_path} (step {run.step}); results in {out_dir}")
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     set_environment_defaults()
     require_complete(cfg)
@@ -47,8 +46,3 @@ def main(cfg: DictConfig) -> None:
         evaluate(cfg)
     except MissingMandatoryValue as err:
         sys.exit(f"error: the config value '{err.full_key}' is required but not set; e.g. {err.full_key}=...")
-
-
-if __name__ == "__main__":
-    set_environment_defaults()
-    main()
