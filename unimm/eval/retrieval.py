@@ -154,7 +154,7 @@ class RetrievalEvaluator:
         index.add(pool.vectors)
         k = max(max(spec.ks), self.grid_k)
         _, ranked = index.search(np.asarray(queries.vectors, dtype=np.float32), k)
-        return retrieval_metrics(ranked, positives, list(spec.ks), query_ids=qids), ranked, positives
+        return retrieval_metrics(ranked, positives, list(spec.ks), query_ids=qids, pool_size=len(pool.keys)), ranked, positives
 
     def run(self, module, datamodule, output_dir: str | os.PathLike, logger=None, tag: str = "") -> dict[str, float]:
         """Evaluate on every rank (all ranks must call it); returns the metrics on every rank."""
@@ -216,7 +216,8 @@ class RetrievalEvaluator:
 
     def _report(self, bench_name, rows, table, results, grids, output_dir: Path, logger) -> None:
         columns = sorted({c for (_, c) in table}, key=lambda c: (not c.startswith("R@"), c.split("@")[0], int(c.split("@")[1])))
-        text = markdown_table(rows, columns, table, title=f"Retrieval on {bench_name} (R@k = hit@k, M-BEIR's 'Recall@k')")
+        text = markdown_table(rows, columns, table, title=f"Retrieval on {bench_name} (R@k = hit@k, M-BEIR's 'Recall@k')",
+                              average_over="each_column", row_header="task / dataset")
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / f"retrieval_{bench_name}.md").write_text(text + "\n")
         write_metrics_json(output_dir / "metrics.json", results)

@@ -18,12 +18,21 @@ class EmbeddingModule(L.LightningModule):
         optimizer: partial optimizer (``torch.optim.AdamW`` with lr, betas, weight_decay...); parameter groups
             without weight decay are built here (see :func:`~unimm.training.optim.weight_decay_groups`).
         scheduler: optional partial taking ``(optimizer, total_steps)``; stepped every optimizer step.
+        on_nonfinite_loss: ``skip`` (no optimizer step; counted and logged as ``train/skipped_steps``) or
+            ``stop`` (raise, naming the step and the batch keys).
     """
 
-    def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], scheduler: Callable | None = None):
+    NONFINITE_POLICIES = ("skip", "stop")
+
+    def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], scheduler: Callable | None = None,
+                 on_nonfinite_loss: str = "skip"):
         super().__init__()
+        if on_nonfinite_loss not in self.NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite_loss={on_nonfinite_loss!r}; valid: {list(self.NONFINITE_POLICIES)}")
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.on_nonfinite_loss = on_nonfinite_loss
+        self.skipped_steps = 0
 
     # -- what a family provides ------------------------------------------------------------------------------
     def encode_query(self, side: dict[str, Any]) -> torch.Tensor:
@@ -39,14 +48,29 @@ class EmbeddingModule(L.LightningModule):
         raise NotImplementedError  # abstract
 
     # -- shared training logic ---------------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         loss, terms = self.compute_loss(batch)
         size = len(batch["keys"])
+        if not self._all_ranks_finite(loss):
+            if self.on_nonfinite_loss == "stop":
+                raise FloatingPointError(
+                    f"non-finite loss {loss.item()} at step {self.global_step}; batch keys: {batch['keys']}"
+                )
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=size)
+            return None  # Lightning skips backward and the optimizer step; every rank agrees (see below)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         for name, value in terms.items():
             self.log(f"train/{name}", value, batch_size=size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
         return loss
+
+    def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
+        """True when the loss is finite on every rank: ranks must skip a step together or DDP would hang."""
+        finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        return bool(finite.item())
 
     def configure_optimizers(self):
         weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)

@@ -28,8 +28,8 @@ class UniIRModule(EmbeddingModule):
         optimizer, scheduler: see :class:`~unimm.methods.base.EmbeddingModule`.
     """
 
-    def __init__(self, encoder: CLIPModel, loss: InfoNCE, optimizer, scheduler=None):
-        super().__init__(optimizer, scheduler)
+    def __init__(self, encoder: CLIPModel, loss: InfoNCE, optimizer, scheduler=None, on_nonfinite_loss: str = "skip"):
+        super().__init__(optimizer, scheduler, on_nonfinite_loss)
         self.encoder = encoder
         self.loss = loss
 
