@@ -14,7 +14,7 @@ EXPERIMENT = "uniir_clip_sf_tiny"
 @pytest.mark.distributed
 def test_ddp_two_processes_train_and_evaluate_like_one(toy_data_dir, tmp_path):
     train_logs = tmp_path / "train"
-    proc = run_cli(
+    run_cli(
         "unimm.train", f"+experiment={EXPERIMENT}", "strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
         "trainer.max_steps=6", "data.num_workers=1", "logger=csv", f"paths.data_dir={toy_data_dir}",
         f"paths.log_dir={train_logs}", cwd=tmp_path,

@@ -140,7 +140,7 @@ def test_corrupt_image_and_truncated_shard_are_counted_and_the_rest_survives(tmp
     keys = {k for b in batches for k in b["keys"]}
     delivered, skipped = _stats(batches)
     by_reason = Counter()
-    for (reason, shard), n in skipped.items():
+    for (reason, _shard), n in skipped.items():
         by_reason[reason] += n
     assert by_reason["bad_image"] == 1
     assert ("bad_image", index.shards[0].path) in skipped
@@ -200,3 +200,21 @@ def test_index_json_is_readable(tmp_path):
     _write_set(tmp_path / "set", n=3)
     data = json.loads((tmp_path / "set" / "index.json").read_text())
     assert data["total"] == 3 and data["source"] == "test"
+
+
+@pytest.mark.parametrize("workers,done", [(0, 3), (2, 3), (2, 4)])
+def test_resume_continues_with_exactly_the_unseen_batches(tmp_path, workers, done):
+    index = _write_set(tmp_path / "set", n=100, per_shard=10)
+
+    def epoch_batches(resume=None):
+        stream = ShardStream([Source(index)], batch_size=4, collate=_keys_collate, train=True, seed=5, shuffle_buffer=8)
+        stream.configure(0, 1, workers)
+        stream.set_epoch(1)
+        if resume is not None:
+            stream.resume(*resume)
+        return [b["keys"] for b in _loader(stream, workers)]
+
+    full = epoch_batches()
+    resumed = epoch_batches(resume=(1, done))
+    assert resumed == full[done:]
+    assert epoch_batches(resume=(0, done)) == full  # a resume point of another epoch does not apply

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 
 from tests.conftest import REPO, run_cli, single_run_dir
 from unimm.data.benchmark import load_benchmark, read_qrels
-from unimm.data.shards import iter_raw_samples, read_index
+from unimm.data.shards import read_index
 
 EXPERIMENT = "uniir_clip_sf_tiny"
 

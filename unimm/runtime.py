@@ -12,7 +12,6 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-
 # The Hydra tree lives beside the package (installed editable by `make install`); UNIMM_CONF_DIR points elsewhere.
 CONF_DIR = os.environ.get("UNIMM_CONF_DIR", str(Path(__file__).resolve().parents[1] / "conf"))
 

@@ -9,9 +9,17 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
+from omegaconf import DictConfig, MissingMandatoryValue
 
-from unimm.runtime import CONF_DIR, close_loggers, require_complete, build_trainer, first_logger_with, instantiate_dict, set_environment_defaults
+from unimm.runtime import (
+    CONF_DIR,
+    build_trainer,
+    close_loggers,
+    first_logger_with,
+    instantiate_dict,
+    require_complete,
+    set_environment_defaults,
+)
 from unimm.training.callbacks import DataAccounting, StoreConfig, Throughput
 
 

@@ -96,10 +96,19 @@ class ShardDataModule(L.LightningDataModule):
         return self._train_stream
 
     def train_dataloader(self) -> DataLoader:
-        stream = self.train_stream()
-        if self.trainer is not None:
-            stream.set_epoch(self.trainer.current_epoch)
-        return self._loader(stream)
+        return self._loader(self.train_stream())
+
+    # -- exact resume: Lightning stores this in every checkpoint and restores it before the loaders start ----
+    def state_dict(self) -> dict[str, int]:
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        # `processed` = batches whose optimizer step is done, i.e. what the saved weights have seen
+        return {"epoch": self.trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state:
+            self.train_stream().resume(state["epoch"], state["batches_done"])
 
     def eval_loader(self, shard_set: str, sides: Sequence[str]) -> DataLoader:
         """Every sample of ``shard_set`` exactly once over all ranks and workers (no padding), in batches."""

@@ -4,10 +4,16 @@ Splitting is by shard: after a per-epoch seeded shuffle (training) or in order (
 of every shard set goes to the global worker slot ``i % (world_size * num_workers)``. No sample is read by
 two slots and none is padded or duplicated.
 
-Training needs every rank to take the same number of optimizer steps (DDP would hang otherwise). The
-number of batches per rank is computed up front from the counts promised by ``index.json``: the minimum
-over ranks of the full batches its workers can make. A worker whose shards deliver fewer samples than
-promised (corrupt samples) tops up by re-reading its own shards; the accounting says so.
+Training needs every rank to take the same number of optimizer steps (DDP would hang otherwise). Every
+worker slot yields the same number of batches, computed up front from the counts promised by
+``index.json`` (the fewest full batches any slot can make); samples beyond that are reported as unused for
+the epoch. A worker whose shards deliver fewer samples than promised (corrupt samples) tops up by
+re-reading its own shards; the accounting says so.
+
+Exact resume: because every worker yields the same number of batches and the DataLoader takes batches from
+its workers in turn, batch ``j`` of an epoch comes from worker ``j % num_workers``. Knowing how many batches
+a rank had consumed (:meth:`ShardStream.resume`), each worker replays its deterministic record sequence
+(seeded by seed, epoch and slot) and drops the records it had already delivered, without collating them.
 
 Every batch carries ``batch["stats"]``: a :class:`StreamStats` with the samples delivered and the samples
 skipped since the previous batch, by reason and shard. :class:`SampleAccounting` adds them up.
@@ -143,6 +149,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.epoch = 0
         self.rank, self.world_size, self.num_workers = 0, 1, 1
+        self._resume: tuple[int, int] | None = None
 
     # -- set by the DataModule before workers start ---------------------------------------------------------
     def configure(self, rank: int, world_size: int, num_workers: int) -> None:
@@ -173,27 +180,33 @@ class ShardStream(IterableDataset):
         ]
         return [[per_source[i][slot] for i in range(len(self.sources))] for slot in range(n_slots)]
 
-    def _quotas(self, plan: list[list[list[ShardInfo]]]) -> list[int]:
-        """Full batches each slot must yield so that every rank yields the same number."""
-        full = [sum(s.count for shards in slot for s in shards) // self.batch_size for slot in plan]
-        per_rank = [full[r * self.num_workers : (r + 1) * self.num_workers] for r in range(self.world_size)]
-        steps = min(sum(r) for r in per_rank)
-        quotas = []
-        for rank_full in per_rank:
-            left = steps
-            for f in rank_full:
-                quotas.append(min(f, left))
-                left -= quotas[-1]
-        return quotas
+    def _quota(self, plan: list[list[list[ShardInfo]]]) -> int:
+        """Full batches every worker slot yields per epoch: the fewest any slot can make from its shards."""
+        return min(sum(s.count for shards in slot for s in shards) // self.batch_size for slot in plan)
+
+    @property
+    def unused_per_epoch(self) -> int:
+        """Samples (over all ranks) that the equal per-slot quota leaves out of each training epoch."""
+        return self.promised - self._quota(self._plan()) * self.batch_size * len(self._plan()) if self.train else 0
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch (exact for training; from the index for evaluation)."""
         plan = self._plan()
-        slots = range(self.rank * self.num_workers, (self.rank + 1) * self.num_workers)
         if self.train:
-            quotas = self._quotas(plan)
-            return sum(quotas[s] for s in slots)
+            return self._quota(plan) * self.num_workers
+        slots = range(self.rank * self.num_workers, (self.rank + 1) * self.num_workers)
         return sum(-(-sum(s.count for shards in plan[slot] for s in shards) // self.batch_size) for slot in slots)
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Continue ``epoch`` after the ``batches_done`` batches this rank had already consumed."""
+        self._resume = (epoch, batches_done)
+
+    def _batches_to_skip(self, role: int, resume: tuple[int, int] | None) -> int:
+        """Batches the worker in ``role`` had delivered before the interruption (batch j came from j % W)."""
+        if resume is None:
+            return 0
+        done = resume[1]
+        return done // self.num_workers + (1 if role < done % self.num_workers else 0)
 
     # -- iteration -------------------------------------------------------------------------------------------
     def _read_shard(self, shard: ShardInfo, stats: StreamStats) -> Iterator[Record]:
@@ -254,11 +267,21 @@ class ShardStream(IterableDataset):
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        # Take the resume point now (iter() runs eagerly when the loader starts; workers get their own copy):
+        # it applies to this pass only.
+        resume, self._resume = self._resume, None
+        return self._iterate(resume)
+
+    def _iterate(self, resume: tuple[int, int] | None) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         if info is not None and info.num_workers != self.num_workers:
             raise DataError(f"stream configured for {self.num_workers} workers but runs in {info.num_workers}")
-        slot = self.rank * self.num_workers + worker
+        resume = resume if resume is not None and resume[0] == self.epoch else None
+        # On resume the DataLoader starts again at worker 0, while the next batch was due from worker
+        # `done % num_workers`: rotate roles so the interrupted round-robin order continues unchanged.
+        role = (worker + resume[1]) % self.num_workers if resume else worker
+        slot = self.rank * self.num_workers + role
         plan = self._plan()
         shard_lists = plan[slot]
         stats = StreamStats()
@@ -274,7 +297,8 @@ class ShardStream(IterableDataset):
                 yield self._batch(pending, stats)
             return
 
-        quota = self._quotas(plan)[slot]
+        quota = self._quota(plan)
+        skip = self._batches_to_skip(role, resume)
         emitted, pending, passes = 0, [], 0
         while emitted < quota:
             got_any = False
@@ -284,13 +308,16 @@ class ShardStream(IterableDataset):
                     stats.refilled += 1
                 pending.append(record)
                 if len(pending) == self.batch_size:
-                    yield self._batch(pending, stats)
+                    if emitted < skip:
+                        stats.take()  # delivered before the interruption: already in the saved accounting
+                    else:
+                        yield self._batch(pending, stats)
                     pending, emitted = [], emitted + 1
                     if emitted == quota:
                         break
             passes += 1
             if not got_any:
-                raise DataError(f"worker slot {slot} has no readable sample in {[s.path for l in shard_lists for s in l]}")
+                raise DataError(f"worker slot {slot} has no readable sample in {[s.path for shards in shard_lists for s in shards]}")
 
 
 def fetch_records(wanted: dict[str, set[str]]) -> dict[str, Record]:

@@ -16,7 +16,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, MissingMandatoryValue
 
 from unimm.checkpoints import load_run
-from unimm.runtime import CONF_DIR, close_loggers, require_complete, first_logger_with, instantiate_dict, set_environment_defaults
+from unimm.runtime import (
+    CONF_DIR,
+    close_loggers,
+    first_logger_with,
+    instantiate_dict,
+    require_complete,
+    set_environment_defaults,
+)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

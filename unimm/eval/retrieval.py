@@ -22,7 +22,7 @@ from unimm.data.stream import fetch_records
 from unimm.eval.index import EmbeddingIndex
 from unimm.eval.metrics import retrieval_metrics
 from unimm.eval.report import markdown_table, retrieval_grid, write_metrics_json
-from unimm.utils.progress import is_rank_zero, track
+from unimm.utils.progress import counter, is_rank_zero, track
 
 
 def _rank_world() -> tuple[int, int]:
@@ -151,9 +151,11 @@ class RetrievalEvaluator:
         qids = [m.get("qid", k) for k, m in zip(queries.keys, queries.metas)]
         positives = [{did_to_row[d] for d in qrels.get(qid, ()) if d in did_to_row} for qid in qids]
         index = EmbeddingIndex(pool.vectors.shape[1], **self.index_kwargs)
-        index.add(pool.vectors)
+        with counter(f"indexing {spec.pool}", len(pool.keys)) as advance:
+            index.add(pool.vectors, progress=advance)
         k = max(max(spec.ks), self.grid_k)
-        _, ranked = index.search(np.asarray(queries.vectors, dtype=np.float32), k)
+        with counter(f"searching {spec.name}", len(queries.keys)) as advance:
+            _, ranked = index.search(np.asarray(queries.vectors, dtype=np.float32), k, progress=advance)
         return retrieval_metrics(ranked, positives, list(spec.ks), query_ids=qids, pool_size=len(pool.keys)), ranked, positives
 
     def run(self, module, datamodule, output_dir: str | os.PathLike, logger=None, tag: str = "") -> dict[str, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any
 
 import lightning as L
@@ -46,17 +47,50 @@ class Throughput(L.Callback):
 
 
 class DataAccounting(L.Callback):
-    """Adds up each batch's stream stats; at epoch end reports delivered vs promised and skips by reason."""
+    """Drives the shard stream through epochs and accounts for its samples.
+
+    Sets the stream's epoch (so each epoch reshuffles), adds up each batch's stream stats, reports delivered
+    vs promised and skips by reason at epoch end, and keeps the running tally in checkpoints so that a
+    resumed epoch reports the whole epoch.
+    """
+
+    def __init__(self) -> None:
+        self._accounting = None
+        self._restored: dict[str, Any] = {}
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        trainer.datamodule.train_stream().set_epoch(trainer.current_epoch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         trainer.datamodule.accounting.update(batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        stats = self._accounting.stats if self._accounting is not None else None
+        if stats is None:
+            return {}
+        return {"delivered": stats.delivered, "refilled": stats.refilled,
+                "skipped": [[reason, shard, n] for (reason, shard), n in stats.skipped.items()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._restored = state
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._accounting = trainer.datamodule.accounting
+        restored = self._restored
+        if restored:
+            from unimm.data.stream import StreamStats
+
+            self._accounting.stats = StreamStats(
+                restored["delivered"], Counter({(r, sh): n for r, sh, n in restored["skipped"]}), restored["refilled"]
+            )
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         accounting = trainer.datamodule.accounting
         stats = accounting.reduce()
         if trainer.is_global_zero:
-            promised = trainer.datamodule.train_stream().promised
-            print(f"[data] epoch {trainer.current_epoch}: " + accounting.summary(stats, promised).replace("\n", "; "))
+            stream = trainer.datamodule.train_stream()
+            report = accounting.summary(stats, stream.promised).replace("\n", "; ")
+            print(f"[data] epoch {trainer.current_epoch}: {report}; unused by rank balancing: {stream.unused_per_epoch}")
         for logger in trainer.loggers:
             logger.log_metrics(
                 {"data/delivered": stats.delivered, "data/skipped": stats.n_skipped, "data/refilled": stats.refilled},
@@ -73,3 +107,21 @@ class StoreConfig(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         checkpoint[CONFIG_KEY] = self.config
+
+
+class SampleLog(L.Callback):
+    """Appends ``{"step", "rank", "keys"}`` per training batch to ``<dirpath>/samples.rank<R>.jsonl``.
+
+    For auditing data order (which samples each step saw), e.g. across an interruption and resume.
+    """
+
+    def __init__(self, dirpath: str):
+        self.dirpath = dirpath
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import json
+        import os
+
+        os.makedirs(self.dirpath, exist_ok=True)
+        with open(os.path.join(self.dirpath, f"samples.rank{trainer.global_rank}.jsonl"), "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "rank": trainer.global_rank, "keys": batch["keys"]}) + "\n")

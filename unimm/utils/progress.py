@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 T = TypeVar("T")
 
@@ -31,3 +39,15 @@ def track(iterable: Iterable[T], description: str, total: int | None = None) -> 
         for item in iterable:
             yield item
             progress.advance(task)
+
+
+@contextmanager
+def counter(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar driven by ``advance(n)`` calls (for work reported in chunks, e.g. faiss add/search)."""
+    if not is_rank_zero() or os.environ.get("UNIMM_PROGRESS", "1") == "0":
+        yield lambda n: None
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, transient=not sys.stdout.isatty()) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task, n)
