@@ -7,6 +7,7 @@ import importlib
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from tests.conftest import REPO, run_cli
 from unimm.runtime import missing_keys
@@ -58,11 +59,16 @@ def test_experiment_composes(experiment, tmp_path):
 
 
 def test_default_root_config_is_the_toy_run(tmp_path):
+    """`make train` (no experiment) trains exactly what +experiment=uniir_clip_sf_tiny trains."""
+    common = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run"])
-    assert cfg.model._target_ == "unimm.methods.uniir.UniIRModule"
-    assert cfg.data.prepare._target_ == "unimm.data.toy.ensure_toy"
-    assert not missing_keys(cfg)
+        default = compose("train", overrides=common)
+        tiny = compose("train", overrides=["+experiment=uniir_clip_sf_tiny", *common])
+    assert default.data.prepare._target_ == "unimm.data.toy.ensure_toy"
+    assert not missing_keys(default)
+    for node in ("model", "processor", "data", "trainer", "eval"):
+        assert OmegaConf.to_container(default[node]) == OmegaConf.to_container(tiny[node]), node
+    assert default.model.optimizer.lr == 2.0e-3  # not the fine-tuning lr of the paper recipe
 
 
 def test_unknown_experiment_lists_the_available_ones(tmp_path):
