@@ -210,8 +210,8 @@ class RetrievalEvaluator:
         for q in range(n):
             query = records[queries.keys[q]]
             item = query.sides["query"]
-            if query.instruction:
-                item = type(item)(text=f"[{query.instruction}] {item.text or ''}".strip(), image=item.image)
+            if query.instruction:  # the query's own text first: it is what differs between rows
+                item = type(item)(text=f"{item.text or ''} [{query.instruction}]".strip(), image=item.image)
             cands = [int(c) for c in ranked[q, : self.grid_k] if c >= 0]
             rows.append((item, [records[pool.keys[c]].sides["cand"] for c in cands], [c in positives[q] for c in cands]))
         return retrieval_grid(rows)

@@ -1,0 +1,92 @@
+"""Our Lightning training step vs a bare PyTorch loop: same tiny CLIP, same batches, same optimizer.
+
+Both train on identical pre-collated batches held in memory (so data loading is not measured), for the same
+number of steps after a warm-up. Prints one JSON line with steps/s of each and the ratio (target >= 0.9).
+
+    python experiments/benchmarks/bench_train_loop.py [--steps 60] [--batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from unimm.data.collate import RetrievalCollator
+from unimm.data.records import decode_sample
+from unimm.data.shards import iter_raw_samples, read_index
+from unimm.data.toy import ensure_toy
+from unimm.losses import InfoNCE
+from unimm.methods.uniir import UniIRModule
+from unimm.models.clip import tiny_clip
+from unimm.models.processors import word_level_processor
+
+
+def make_batches(root: Path, batch: int, n_batches: int) -> list[dict]:
+    toy = ensure_toy(root / "toy")
+    collate = RetrievalCollator(word_level_processor(str(toy / "vocab.txt")), sides=("query", "pos"))
+    records = [decode_sample(raw) for shard in read_index(toy / "train").shards for raw in iter_raw_samples(shard.path)]
+    return [collate(records[i * batch : (i + 1) * batch]) for i in range(n_batches)]
+
+
+def build(vocab: str) -> UniIRModule:
+    return UniIRModule(tiny_clip(vocab), InfoNCE(temperature=None),
+                       functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05))
+
+
+def bare_loop(module: UniIRModule, batches: list[dict]) -> float:
+    optimizer = module.optimizer_factory(module.parameters())
+    module.train()
+    start = time.perf_counter()
+    for batch in batches:
+        loss, _ = module.compute_loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return len(batches) / (time.perf_counter() - start)
+
+
+class _Timer(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        self.seconds = time.perf_counter() - self.start
+
+
+def lightning_loop(module: UniIRModule, batches: list[dict]) -> float:
+    timer = _Timer()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return len(batches) / timer.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        batches = make_batches(Path(tmp), args.batch, args.steps)
+        vocab = str(Path(tmp) / "toy" / "vocab.txt")
+        bare_loop(build(vocab), batches[:5]), lightning_loop(build(vocab), batches[:5])  # warm-up
+        bare, lit = [], []
+        for _ in range(args.repeats):  # alternate so background load hits both alike
+            bare.append(bare_loop(build(vocab), batches))
+            lit.append(lightning_loop(build(vocab), batches))
+    print(json.dumps({"benchmark": "train_loop", "steps": args.steps, "batch": args.batch,
+                      "bare_steps_per_s": round(max(bare), 2), "lightning_steps_per_s": round(max(lit), 2),
+                      "ratio_lightning_vs_bare": round(max(lit) / max(bare), 3)}))
+
+
+if __name__ == "__main__":
+    main()
