@@ -31,7 +31,8 @@ def run_cli(module: str, *overrides: str, cwd: Path, check: bool = True, timeout
     """Run ``python -m <module> <overrides>`` like a user would; on failure show its output."""
     proc = subprocess.run(
         [sys.executable, "-m", module, *overrides], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+             "OMP_NUM_THREADS": "1", **(env or {})},
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} {' '.join(overrides)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
