@@ -15,6 +15,8 @@ from typing import Any
 from PIL import Image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# the extension names the format: PIL need not probe every plugin (None = let it probe)
+_PIL_FORMATS = {"jpg": ["JPEG"], "jpeg": ["JPEG"], "png": ["PNG"], "webp": ["WEBP"]}
 
 
 class CorruptSample(Exception):
@@ -91,6 +93,14 @@ def make_sample(
     return sample
 
 
+def _decode_image(data: bytes, ext: str) -> Image.Image:
+    """Decode to RGB now (a truncated JPEG must fail here, not in the collator); trust the extension first."""
+    try:
+        return Image.open(io.BytesIO(data), formats=_PIL_FORMATS.get(ext)).convert("RGB")
+    except Image.UnidentifiedImageError:  # mislabelled file (a PNG named .jpg): let PIL probe
+        return Image.open(io.BytesIO(data)).convert("RGB")
+
+
 def decode_sample(raw: dict[str, Any], shard: str = "") -> Record:
     """Decode a raw webdataset sample (bytes per field) into a :class:`Record`.
 
@@ -124,9 +134,7 @@ def decode_sample(raw: dict[str, Any], shard: str = "") -> Record:
                 sides.setdefault(side, Item()).text = text
         elif ext in IMAGE_EXTS:
             try:
-                image = Image.open(io.BytesIO(value))
-                image.load()  # force full decode now: a truncated JPEG must fail here, not in the collator
-                image = image.convert("RGB")
+                image = _decode_image(value, ext)
             except Exception as err:  # PIL raises many types for broken files
                 raise CorruptSample("bad_image", f"{key}.{name} in {shard}: {err}") from err
             sides.setdefault(side, Item()).image = image

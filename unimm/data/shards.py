@@ -176,7 +176,8 @@ def _parse_tar(buf: mmap.mmap, path: str) -> Iterator[tuple[str, bytes]]:
         header = buf[pos : pos + BLOCK]
         if header == _ZERO_BLOCK:
             return  # the end-of-archive marker every tar writer puts last
-        if _octal(header[148:156]) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+        # checksum: byte sum of the header with its own 8-byte field counted as spaces
+        if _octal(header[148:156]) != sum(header) - sum(header[148:156]) + 8 * 32:
             raise TruncatedShard(f"{path}: corrupt tar header at byte {pos}")
         size = _octal(header[124:136])
         start = pos + BLOCK

@@ -241,6 +241,9 @@ class ShardStream(IterableDataset):
     def _mixture(self, shard_lists: list[list[ShardInfo]], stats: StreamStats, rng: random.Random) -> Iterator[Record]:
         """Interleave the sources by weight until all are exhausted (weights renormalised as sources end)."""
         streams = [(self._read_source(shards, stats), src.weight) for shards, src in zip(shard_lists, self.sources) if shards]
+        if len(streams) == 1:  # nothing to mix: skip a random draw per sample
+            yield from streams[0][0]
+            return
         while streams:
             i = rng.choices(range(len(streams)), weights=[w for _, w in streams])[0] if self.train else 0
             try:
