@@ -1,5 +1,6 @@
 """The faiss index against brute-force numpy ranking, ties, IVF-PQ quality, persistence and errors."""
 
+import faiss
 import numpy as np
 import pytest
 
@@ -98,7 +99,7 @@ def test_save_load_round_trip(tmp_path, kind):
 
 
 def test_unknown_kind_lists_choices():
-    with pytest.raises(ValueError, match="'hnsw'.*flat, ivf_flat, ivf_pq"):
+    with pytest.raises(ValueError, match="'hnsw'.*flat, flat_fp16, ivf_flat, ivf_pq"):
         EmbeddingIndex(32, kind="hnsw")
 
 
@@ -114,3 +115,15 @@ def test_caller_array_not_modified():
     index.add(x)
     index.search(x, 1)
     assert (x == 2.0).all()
+
+
+def test_flat_fp16_halves_memory_and_keeps_exact_ranking_on_separated_data():
+    rng = np.random.default_rng(1)
+    pool = rng.standard_normal((500, 32)).astype(np.float32)
+    pool /= np.linalg.norm(pool, axis=1, keepdims=True)
+    queries = pool[:40] + 0.01 * rng.standard_normal((40, 32)).astype(np.float32)
+    index = EmbeddingIndex(32, kind="flat_fp16", use_gpu=False)
+    index.add(pool)
+    _, idx = index.search(queries, 1)
+    assert idx[:, 0].tolist() == list(range(40))  # each query's own vector, despite fp16 storage
+    assert faiss.serialize_index(index.index).nbytes < 0.6 * 500 * 32 * 4

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 
-KINDS = ("flat", "ivf_flat", "ivf_pq")
+KINDS = ("flat", "flat_fp16", "ivf_flat", "ivf_pq")
 
 
 def _gpu_available() -> bool:
@@ -57,6 +57,9 @@ class EmbeddingIndex:
         self.use_gpu = _gpu_available() if use_gpu == "auto" else bool(use_gpu)
         if kind == "flat":
             self.index = self._to_gpu(faiss.IndexFlatIP(dim)) if self.use_gpu else faiss.IndexFlatIP(dim)
+        elif kind == "flat_fp16":  # exhaustive search over vectors stored in half precision: half the memory
+            self.index = (self._to_gpu(faiss.IndexFlatIP(dim)) if self.use_gpu else
+                          faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT))
         else:
             self._quantizer = faiss.IndexFlatIP(dim)  # keep a Python reference: the IVF index borrows it
             self.index = (faiss.IndexIVFFlat(self._quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT) if kind == "ivf_flat"
@@ -67,11 +70,12 @@ class EmbeddingIndex:
     def _to_gpu(self, cpu_index):
         options = faiss.GpuMultipleClonerOptions()
         options.shard = self.gpu_shard
-        options.useFloat16 = self.kind == "ivf_pq"  # PQ lookup tables of m=64 exceed shared memory in fp32
+        # fp16 storage for flat_fp16; for PQ, lookup tables of m=64 exceed shared memory in fp32
+        options.useFloat16 = self.kind in ("ivf_pq", "flat_fp16")
         return faiss.index_cpu_to_all_gpus(cpu_index, co=options)
 
     def _set_nprobe(self) -> None:
-        if self.kind != "flat":
+        if self.kind.startswith("ivf"):
             space = faiss.GpuParameterSpace() if self.use_gpu else faiss.ParameterSpace()
             space.set_index_parameter(self.index, "nprobe", self.nprobe)
 
@@ -167,7 +171,10 @@ class EmbeddingIndex:
         cpu = faiss.read_index(str(path))
         self = cls.__new__(cls)
         ivf = faiss.try_extract_index_ivf(cpu)
-        self.kind = "flat" if ivf is None else ("ivf_pq" if isinstance(ivf, faiss.IndexIVFPQ) else "ivf_flat")
+        if ivf is None:
+            self.kind = "flat_fp16" if isinstance(cpu, faiss.IndexScalarQuantizer) else "flat"
+        else:
+            self.kind = "ivf_pq" if isinstance(ivf, faiss.IndexIVFPQ) else "ivf_flat"
         self.dim, self.nlist = cpu.d, ivf.nlist if ivf is not None else 0
         self.pq_m = ivf.pq.M if self.kind == "ivf_pq" else 0
         self.nprobe = nprobe if nprobe is not None else (ivf.nprobe if ivf is not None else 0)
