@@ -38,6 +38,8 @@ class ShardDataModule(L.LightningDataModule):
         train_sides: the sides every training record must have.
         seed: shuffling seed (the epoch is mixed in).
         shuffle_buffer: records kept in the in-worker shuffle buffer (0 = shard order only).
+        eval_sort_window: when embedding for evaluation, sort each window of this many records by text length
+            so batches pad less (0 = arrival order); see experiments/benchmarks/bench_length_bucketing.py.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class ShardDataModule(L.LightningDataModule):
         train_sides: Sequence[str] = ("query", "pos"),
         seed: int = 0,
         shuffle_buffer: int = 1000,
+        eval_sort_window: int = 0,
     ):
         super().__init__()
         self.train_sets = {name: dict(spec) for name, spec in train_sets.items()}
@@ -64,6 +67,7 @@ class ShardDataModule(L.LightningDataModule):
         self.train_sides = tuple(train_sides)
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
+        self.eval_sort_window = eval_sort_window
         self.processor = None
         self.accounting = SampleAccounting()
         self._train_stream: ShardStream | None = None
@@ -114,7 +118,7 @@ class ShardDataModule(L.LightningDataModule):
         """Every sample of ``shard_set`` exactly once over all ranks and workers (no padding), in batches."""
         stream = ShardStream(
             [Source(read_index(shard_set))], self.eval_batch_size, self._collate(sides), train=False,
-            required_sides=sides, strict=self.strict,
+            required_sides=sides, strict=self.strict, sort_window=self.eval_sort_window,
         )
         rank, world = _rank_world()
         stream.configure(rank, world, self.num_workers)

@@ -124,6 +124,8 @@ class ShardStream(IterableDataset):
         required_sides: a record lacking one of these sides is skipped as ``missing_side``.
         strict: raise :class:`DataError` on the first bad sample instead of counting it.
         seed: base seed; the epoch (``set_epoch``) changes the shuffle.
+        shuffle_buffer: training: records held in the in-worker shuffle buffer (0 = shard order).
+        sort_window: evaluation: records sorted by text length per window before batching (0 = arrival order).
     """
 
     def __init__(
@@ -136,6 +138,7 @@ class ShardStream(IterableDataset):
         strict: bool = False,
         seed: int = 0,
         shuffle_buffer: int = 0,
+        sort_window: int = 0,
     ):
         if not sources:
             raise ValueError("ShardStream needs at least one shard set")
@@ -147,6 +150,7 @@ class ShardStream(IterableDataset):
         self.strict = strict
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
+        self.sort_window = sort_window
         self.epoch = 0
         self.rank, self.world_size, self.num_workers = 0, 1, 1
         self._resume: tuple[int, int] | None = None
@@ -263,6 +267,24 @@ class ShardStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
+    def _length_sorted(self, records: Iterator[Record]) -> Iterator[Record]:
+        """Evaluation only: sort each window of ``sort_window`` records by text length, so that batches hold
+        texts of similar length and pad less (the order of embeddings does not matter: they are keyed)."""
+        if self.sort_window <= 1:
+            yield from records
+            return
+
+        def length(record: Record) -> int:
+            return sum(len(item.text or "") for item in record.sides.values())
+
+        window: list[Record] = []
+        for record in records:
+            window.append(record)
+            if len(window) == self.sort_window:
+                yield from sorted(window, key=length)
+                window = []
+        yield from sorted(window, key=length)
+
     def _batch(self, records: list[Record], stats: StreamStats) -> dict[str, Any]:
         stats.delivered += len(records)
         batch = self.collate(records) if records else {"keys": []}
@@ -291,7 +313,7 @@ class ShardStream(IterableDataset):
         rng = random.Random(hash((self.seed, self.epoch, slot)))
         if not self.train:
             pending: list[Record] = []
-            for record in self._mixture(shard_lists, stats, rng):
+            for record in self._length_sorted(self._mixture(shard_lists, stats, rng)):
                 pending.append(record)
                 if len(pending) == self.batch_size:
                     yield self._batch(pending, stats)
