@@ -3,7 +3,7 @@
 - :class:`UnicomViT`: UNICOM's ViT (``unicom/vision_transformer.py``) as our own small module: no CLS token,
   learned absolute positions, pre-norm blocks with a ReLU6 MLP and SDPA attention, and a head that flattens
   *all* patch tokens: ``Linear(D*N -> D, no bias) -> BN -> Linear(D -> E, no bias) -> BN(eps 2e-5)``.
-- MLCD's RoPE2D ViT is transformers' native ``MLCDVisionModel``: :func:`tiny_mlcd_vision` builds a random one
+- MLCD's RoPE2D ViT is transformers' native ``MLCDVisionModel``: :func:`mlcd_vision` builds a random one
   from ``MLCDVisionConfig``, :func:`mlcd_vision_from_pretrained` loads a local folder, and
   :class:`PooledVisionEncoder` turns any HF vision model with a ``pooler_output`` (MLCD, CLIP) into
   ``pixel_values -> [B, D]``.
@@ -109,9 +109,9 @@ class PooledVisionEncoder(nn.Module):
         return self.model(pixel_values=pixel_values).pooler_output
 
 
-def tiny_mlcd_vision(image_size: int = 32, patch_size: int = 4, width: int = 64, layers: int = 2, heads: int = 4,
+def mlcd_vision(image_size: int = 32, patch_size: int = 4, width: int = 64, layers: int = 2, heads: int = 4,
                      seed: int = 0) -> PooledVisionEncoder:
-    """A random ``MLCDVisionModel`` (RoPE2D, learned class position) small enough for CPU tests."""
+    """A random ``MLCDVisionModel`` (RoPE2D, learned class position) of any size; the defaults are tiny (CPU tests)."""
     config = MLCDVisionConfig(
         image_size=image_size, patch_size=patch_size, hidden_size=width, intermediate_size=4 * width,
         num_hidden_layers=layers, num_attention_heads=heads,

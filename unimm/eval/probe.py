@@ -1,0 +1,216 @@
+"""Frozen-feature evaluations of a vision encoder on labelled image sets (UNICOM / MLCD protocols).
+
+- :class:`LinearProbeEvaluator`: multinomial logistic regression on frozen, L2-normalised features (full-batch
+  L-BFGS in torch, L2 penalty as sklearn's ``C``; UNICOM's example probe is sklearn ``LogisticRegression(C=0.601)``),
+  top-1 accuracy on the test set.
+- :class:`KNNEvaluator`: DINO / UNICOM ``knn.py`` weighted k-NN: the top-k training neighbours by cosine vote with
+  weight ``exp(sim / T)``, ``k in {10, 20, 100, 200}``, ``T = 0.07``.
+- :class:`ImageRetrievalEvaluator`: Recall@k by nearest neighbour on L2-normalised features, leave-one-out
+  within one set (SOP, CUB, Cars, iNat) or queries against a gallery (In-Shop): a query counts when one of its
+  k nearest neighbours has its label.
+
+Each set is ``{"path": shard_set, "sides": [...]}``: the image of a record is taken from the first side that
+has one, and its label from ``meta[label_key]`` (the toy dataset's ``digit``). Every evaluator has the
+``run(module, datamodule, output_dir, logger=None, tag="") -> dict`` of the shared retrieval evaluator, embeds
+with ``module.encode_candidate`` and returns the same metrics on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unimm.eval.index import EmbeddingIndex
+from unimm.eval.report import markdown_table, write_metrics_json
+from unimm.losses.distributed import gather_no_grad
+from unimm.utils.progress import is_rank_zero
+
+
+@torch.no_grad()
+def embed_labelled(module, datamodule, shard_set: Mapping[str, Any], label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features ``[N, D]`` (float32, CPU) and integer labels ``[N]`` of every record of a set, from all ranks."""
+    sides = tuple(shard_set.get("sides", ("cand",)))
+    feats, labels = [], []
+    for batch in datamodule.eval_loader(shard_set["path"], sides=sides):
+        if not batch["keys"]:
+            continue
+        # ClusterLabelCollator puts the chosen image under "image"; RetrievalCollator under the side's name
+        side = batch["image"] if "image" in batch else batch[sides[0]]
+        side = {k: v.to(module.device) if isinstance(v, torch.Tensor) else v for k, v in side.items()}
+        feats.append(module.encode_candidate(side).float())
+        labels.append(torch.tensor([int(m[label_key]) for m in batch["meta"]], device=module.device))
+    if not feats:
+        raise ValueError(f"no records with an image on sides {list(sides)} in {shard_set['path']}")
+    return gather_no_grad(torch.cat(feats)).cpu(), gather_no_grad(torch.cat(labels)).cpu()
+
+
+def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, c: float = 0.601,
+                            max_iter: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn-style multinomial logistic regression: minimise ``C * sum CE + ||W||^2 / 2`` (bias not penalised).
+
+    Returns ``(weight [K, D], bias [K])``; full-batch L-BFGS, deterministic.
+    """
+    weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    x64 = x.double()
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-10,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        # divided by C * N so the scale of the objective does not depend on the data size
+        loss = F.cross_entropy(x64 @ weight.T + bias, y, reduction="sum") / len(y) + (weight**2).sum() / (2 * c * len(y))
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return weight.detach().float(), bias.detach().float()
+
+
+def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, k: int, temperature: float,
+                num_classes: int, chunk: int = 1024) -> torch.Tensor:
+    """DINO weighted k-NN: class scores ``[Q, K]`` = sum over the top-k neighbours of ``exp(cos / T)``."""
+    k = min(k, len(train_x))
+    scores = []
+    for start in range(0, len(test_x), chunk):
+        sim, idx = (test_x[start:start + chunk] @ train_x.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), num_classes)
+        votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+class _FrozenFeatureEvaluator:
+    """Shared plumbing: embed the sets, score on rank 0, write the report, broadcast the metrics."""
+
+    title = ""
+
+    def __init__(self, name: str, label_key: str = "digit", prefix: str = "val"):
+        self.name, self.label_key, self.prefix = name, label_key, prefix
+
+    def score(self, module, datamodule) -> dict[str, float]:
+        raise NotImplementedError  # abstract
+
+    def run(self, module, datamodule, output_dir: str | os.PathLike, logger=None, tag: str = "") -> dict[str, float]:
+        """Evaluate on every rank (all ranks must call it); returns the metrics on every rank."""
+        was_training = module.training
+        module.eval()
+        scores = self.score(module, datamodule)
+        if was_training:
+            module.train()
+        results = {f"{self.prefix}/{self.name}/{metric}": value for metric, value in scores.items()}
+        if is_rank_zero():
+            output_dir = Path(output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            table = markdown_table([self.name], list(scores), {(self.name, m): v for m, v in scores.items()},
+                                   title=f"{self.title} ({tag or 'model'})", average_row=False, row_header="dataset")
+            (output_dir / f"{type(self).__name__}_{self.name}.md").write_text(table + "\n")
+            write_metrics_json(output_dir / "metrics.json", results)
+            print(table)
+            if logger is not None:
+                logger.log_metrics(results)
+        return results
+
+
+class LinearProbeEvaluator(_FrozenFeatureEvaluator):
+    """Logistic regression on frozen features of ``train``, top-1 (%) on ``test``.
+
+    Args:
+        name: dataset name in the metric names ``<prefix>/<name>/linear_probe/top1``.
+        train, test: ``{"path": shard_set, "sides": [...]}``.
+        label_key: the meta field holding the integer class.
+        c: inverse L2 strength (sklearn's ``C``).
+        max_iter: L-BFGS iterations.
+    """
+
+    title = "Linear probe top-1 (%)"
+
+    def __init__(self, name: str, train: Mapping[str, Any], test: Mapping[str, Any], label_key: str = "digit",
+                 c: float = 0.601, max_iter: int = 1000, prefix: str = "val"):
+        super().__init__(name, label_key, prefix)
+        self.train, self.test, self.c, self.max_iter = dict(train), dict(test), c, max_iter
+
+    def score(self, module, datamodule) -> dict[str, float]:
+        train_x, train_y = embed_labelled(module, datamodule, self.train, self.label_key)
+        test_x, test_y = embed_labelled(module, datamodule, self.test, self.label_key)
+        num_classes = int(max(train_y.max(), test_y.max())) + 1
+        weight, bias = fit_logistic_regression(train_x, train_y, num_classes, self.c, self.max_iter)
+        pred = (test_x @ weight.T + bias).argmax(dim=1)
+        return {"linear_probe/top1": 100.0 * (pred == test_y).float().mean().item()}
+
+
+class KNNEvaluator(_FrozenFeatureEvaluator):
+    """Weighted k-NN classification top-1 (%) for each ``k`` (metric ``<prefix>/<name>/knn/top1@k``).
+
+    Args:
+        ks: neighbour counts (UNICOM / DINO: 10, 20, 100, 200).
+        temperature: ``T`` of the vote weight ``exp(cos / T)`` (0.07).
+    """
+
+    title = "Weighted k-NN top-1 (%)"
+
+    def __init__(self, name: str, train: Mapping[str, Any], test: Mapping[str, Any], label_key: str = "digit",
+                 ks: Sequence[int] = (10, 20, 100, 200), temperature: float = 0.07, prefix: str = "val"):
+        super().__init__(name, label_key, prefix)
+        self.train, self.test, self.ks, self.temperature = dict(train), dict(test), list(ks), temperature
+
+    def score(self, module, datamodule) -> dict[str, float]:
+        train_x, train_y = embed_labelled(module, datamodule, self.train, self.label_key)
+        test_x, test_y = embed_labelled(module, datamodule, self.test, self.label_key)
+        num_classes = int(max(train_y.max(), test_y.max())) + 1
+        out = {}
+        for k in self.ks:
+            pred = knn_predict(train_x, train_y, test_x, k, self.temperature, num_classes).argmax(dim=1)
+            out[f"knn/top1@{k}"] = 100.0 * (pred == test_y).float().mean().item()
+        return out
+
+
+class ImageRetrievalEvaluator(_FrozenFeatureEvaluator):
+    """Recall@k (%) of label-matched nearest neighbours (metric ``<prefix>/<name>/retrieval/recall@k``).
+
+    Args:
+        query: ``{"path", "sides"}``; with no ``gallery``, leave-one-out: every image queries all the others.
+        gallery: optional separate gallery set (query/gallery protocol, e.g. In-Shop).
+        ks: reported k (UNICOM reports Recall@1).
+        index: keyword arguments of :class:`~unimm.eval.index.EmbeddingIndex` (flat by default).
+    """
+
+    title = "Image retrieval Recall@k (%)"
+
+    def __init__(self, name: str, query: Mapping[str, Any], gallery: Mapping[str, Any] | None = None,
+                 label_key: str = "digit", ks: Sequence[int] = (1,), index: Mapping[str, Any] | None = None,
+                 prefix: str = "val"):
+        super().__init__(name, label_key, prefix)
+        self.query, self.gallery = dict(query), dict(gallery) if gallery else None
+        self.ks, self.index_kwargs = list(ks), dict(index or {})
+
+    def score(self, module, datamodule) -> dict[str, float]:
+        query_x, query_y = embed_labelled(module, datamodule, self.query, self.label_key)
+        gallery_x, gallery_y = (query_x, query_y) if self.gallery is None else \
+            embed_labelled(module, datamodule, self.gallery, self.label_key)
+        return recall_at_k(query_x.numpy(), query_y.numpy(), gallery_x.numpy(), gallery_y.numpy(), self.ks,
+                           leave_one_out=self.gallery is None, index_kwargs=self.index_kwargs)
+
+
+def recall_at_k(query_x: np.ndarray, query_y: np.ndarray, gallery_x: np.ndarray, gallery_y: np.ndarray,
+                ks: Sequence[int], leave_one_out: bool, index_kwargs: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """Recall@k (%): share of queries with a same-label item among their k nearest gallery items.
+
+    With ``leave_one_out`` the gallery is the query set and each query's own row is excluded.
+    """
+    index = EmbeddingIndex(gallery_x.shape[1], **dict(index_kwargs or {}))
+    index.add(gallery_x)
+    k_max = max(ks) + int(leave_one_out)
+    _, ranked = index.search(np.asarray(query_x, np.float32), min(k_max, len(gallery_x)))
+    if leave_one_out:
+        own = ranked == np.arange(len(query_x))[:, None]
+        # drop the query itself (wherever a tie put it), keep the first max(ks) others
+        ranked = np.stack([row[~mask][: max(ks)] for row, mask in zip(ranked, own)])
+    hits = (ranked >= 0) & (gallery_y[ranked.clip(min=0)] == query_y[:, None])
+    return {f"retrieval/recall@{k}": 100.0 * float(hits[:, :k].any(axis=1).mean()) for k in ks}

@@ -1,0 +1,300 @@
+"""Cluster discrimination losses (UNICOM, MLCD) over class centres sharded across ranks (PartialFC).
+
+Sharding (as UNICOM's ``PartialFC_V2``): rank ``r`` of ``W`` holds only its contiguous block of the ``C`` class
+centres, ``[C_r, D]`` with ``C_r ~ C / W``; the full centre matrix never exists on one device. Each step:
+
+1. the embeddings of all ranks are gathered with gradient (:func:`~unimm.losses.distributed.gather_with_grad`),
+   labels without, giving ``N = W * B`` rows on every rank;
+2. each rank keeps its positive centres plus random negative centres up to ``sample_rate * C_r``;
+3. it computes the cosine logits ``[N, n_sampled]`` against those local centres;
+4. every normaliser over classes (softmax ``logsumexp``, MLCD ``log(1 + sum exp)``) is combined across ranks with
+   an all-reduce of the max and of the sum of exponentials.
+
+Every rank ends with the same global mean loss. Gradients: the local centres get exactly ``dL/dW_r`` (they are
+not averaged by DDP: :meth:`PartialFC.ddp_ignored` names them for the LightningModule to exclude), and the local
+embeddings get ``W * dL/demb_r`` so that DDP's average over ranks gives the backbone the gradient of the
+single-process loss on the concatenated batch.
+
+Objectives:
+
+- :class:`ArcFaceSoftmax` (UNICOM): softmax cross entropy over ``s * cos`` with the target logit
+  ``s * cos(theta_y + m)``.
+- :class:`MultiLabelClusterLoss` (MLCD): ``log(1 + sum_{i in pos} e^{-s * cos(theta_i + m)})
+  + log(1 + sum_{j in sampled neg} e^{s * cos theta_j})``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from unimm.losses.distributed import gather_no_grad, gather_with_grad, world_info
+
+# -- cross-rank reductions of the sharded normaliser ----------------------------------------------------------
+# These reduce over the class dimension, not the batch: they are the only collectives beyond the gathers of
+# unimm.losses.distributed, and none of them needs an autograd-aware collective (see _DistLogSumExp.backward).
+
+
+def _all_reduce(x: torch.Tensor, op) -> torch.Tensor:
+    if world_info()[1] > 1:
+        dist.all_reduce(x, op=op)
+    return x
+
+
+def sum_value_across_ranks(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the value summed over ranks but the gradient of the local ``x`` only (identity backward).
+
+    Used for terms that live on one rank (the target logit lives on the rank holding the target centre):
+    each rank must see the global value, while only the owner back-propagates through it.
+    """
+    total = _all_reduce(x.detach().clone(), dist.ReduceOp.SUM)
+    return x + (total - x.detach())
+
+
+class _DistLogSumExp(torch.autograd.Function):
+    """Row-wise ``log(sum_{all ranks, mask} exp(x))`` (``plus_one``: ``log(1 + sum ...)``) of a class-sharded ``x``.
+
+    Forward all-reduces the row max and the row sum of exponentials. Backward needs no collective: every rank
+    holds the same output and the same upstream gradient (all ranks compute the same global loss), so the local
+    gradient ``grad_out * exp(x - out) * mask`` is exact for the local columns.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mask: torch.Tensor, plus_one: bool) -> torch.Tensor:
+        x = x.float()
+        masked = x.masked_fill(~mask, float("-inf"))
+        row_max = masked.amax(dim=1) if x.shape[1] else x.new_full((x.shape[0],), float("-inf"))
+        if plus_one:
+            row_max = row_max.clamp_min(0.0)  # the "1" is exp(0)
+        row_max = _all_reduce(row_max, dist.ReduceOp.MAX)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # a row with no term
+        sum_exp = torch.exp(masked - row_max[:, None]).sum(dim=1)
+        sum_exp = _all_reduce(sum_exp, dist.ReduceOp.SUM)
+        if plus_one:
+            sum_exp = sum_exp + torch.exp(-row_max)
+        out = row_max + torch.log(sum_exp)
+        ctx.save_for_backward(x, mask, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, mask, out = ctx.saved_tensors
+        grad = torch.exp(x - out[:, None]) * mask * grad_out[:, None]
+        return grad, None, None
+
+
+def dist_logsumexp(x: torch.Tensor, mask: torch.Tensor | None = None, plus_one: bool = False) -> torch.Tensor:
+    """``[N, c_local] -> [N]``: ``log(sum exp)`` over the masked columns of all ranks (``plus_one``: ``log(1 + ...)``)."""
+    if mask is None:
+        mask = torch.ones_like(x, dtype=torch.bool)
+    return _DistLogSumExp.apply(x, mask, plus_one)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``factor`` (undoes DDP's 1/W average for the backbone)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+# -- margins and objectives ------------------------------------------------------------------------------------
+
+
+def arcface_cos(cos: torch.Tensor, margin: float, straight_through: bool = True) -> torch.Tensor:
+    """``cos(theta + margin)`` of cosines ``cos`` (any shape), angles clamped to ``[0, pi]``.
+
+    With ``straight_through`` (the official UNICOM / insightface ``CombinedMarginLoss``, which applies the margin
+    in place under ``no_grad``) the value is ``cos(theta + m)`` but the gradient is that of ``cos`` itself;
+    otherwise the exact derivative of ``cos(theta + m)``.
+    """
+    theta = torch.arccos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
+    margined = torch.cos((theta + margin).clamp(max=math.pi))
+    if straight_through:
+        return cos + (margined - cos).detach()
+    return margined
+
+
+class ArcFaceSoftmax(nn.Module):
+    """UNICOM's ArcFace softmax (``CombinedMarginLoss`` with ``m1 = 1, m3 = 0``): one positive per row.
+
+    Args:
+        scale: ``s``; logits are ``s * cos`` and the target ``s * cos(theta_y + margin)``.
+        margin: the additive angular margin ``m2``.
+        straight_through: official gradient (see :func:`arcface_cos`).
+    """
+
+    multi_label = False
+
+    def __init__(self, scale: float = 32.0, margin: float = 0.3, straight_through: bool = True):
+        super().__init__()
+        self.scale, self.margin, self.straight_through = scale, margin, straight_through
+
+    def forward(self, cos: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+        """``cos`` ``[N, c_local]`` against this rank's sampled centres; ``positive`` ``[N, c_local]`` bool, one
+        True per row over all ranks. Returns the per-row cross entropy ``[N]`` (global over ranks)."""
+        logits = torch.where(positive, arcface_cos(cos, self.margin, self.straight_through), cos) * self.scale
+        target = sum_value_across_ranks((logits * positive).sum(dim=1))
+        return dist_logsumexp(logits) - target
+
+
+class MultiLabelClusterLoss(nn.Module):
+    """MLCD's multi-label cluster discrimination (arXiv 2407.17331, Eq. 5), per row:
+
+    ``log(1 + sum_{i in pos} exp(-s * cos(theta_i + m))) + log(1 + sum_{j in neg} exp(s * cos theta_j))``
+
+    where ``neg`` are the sampled centres that are not positives of the row. The paper states neither ``s`` nor
+    ``m`` (UNVERIFIED, see the config); with ``s = 1, m = 0`` this is Eq. 5 exactly.
+    """
+
+    multi_label = True
+
+    def __init__(self, scale: float = 32.0, margin: float = 0.0, straight_through: bool = True):
+        super().__init__()
+        self.scale, self.margin, self.straight_through = scale, margin, straight_through
+
+    def forward(self, cos: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+        """``cos``, ``positive``: ``[N, c_local]``; returns ``[N]``."""
+        pos = -self.scale * arcface_cos(cos, self.margin, self.straight_through) if self.margin else -self.scale * cos
+        neg = self.scale * cos
+        return dist_logsumexp(pos, positive, plus_one=True) + dist_logsumexp(neg, ~positive, plus_one=True)
+
+
+# -- PartialFC -------------------------------------------------------------------------------------------------
+
+
+def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous block ``[start, end)`` of class ids held by ``rank`` (the first ``C % W`` ranks hold one more)."""
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+@dataclass
+class ClusterLossOutput:
+    loss: torch.Tensor
+    num_sampled: int  # centres used on this rank
+
+
+class PartialFC(nn.Module):
+    """Class centres sharded over ranks with positive + sampled negative centres, and a margin objective.
+
+    Args:
+        num_classes: ``C``, the number of pseudo-classes (k-means clusters).
+        embedding_dim: ``D``.
+        objective: :class:`ArcFaceSoftmax` (single label) or :class:`MultiLabelClusterLoss` (MLCD).
+        sample_rate: fraction of this rank's centres used per step (all positives always kept); 1.0 = full softmax.
+        num_feat: optional random subset of feature dimensions per step, shared by embeddings and centres
+            (UNICOM's ``sample_num_feat``); the same on every rank (seeded by step).
+        init_std: centres start as ``N(0, init_std^2)`` (UNICOM: 0.01).
+        seed: seeds the centre initialisation (with the rank) and the feature subsets.
+
+    Call :meth:`shard` once the process group exists (the LightningModule does so in ``setup``); until then the
+    module holds all ``C`` centres, which is what a single process uses.
+    """
+
+    def __init__(self, num_classes: int, embedding_dim: int, objective: nn.Module, sample_rate: float = 1.0,
+                 num_feat: int | None = None, init_std: float = 0.01, seed: int = 0):
+        super().__init__()
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.num_classes, self.embedding_dim = num_classes, embedding_dim
+        self.objective = objective
+        self.sample_rate, self.num_feat = sample_rate, num_feat
+        self.init_std, self.seed = init_std, seed
+        self.rank, self.world_size = 0, 1
+        self.start, self.end = 0, num_classes
+        self.weight = nn.Parameter(self._init_centres(num_classes, 0))
+        self._step = 0
+
+    def _init_centres(self, n: int, rank: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + rank)
+        return torch.randn(n, self.embedding_dim, generator=gen) * self.init_std
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Keep only this rank's block of centres (re-initialised from ``(seed, rank)``); no-op if unchanged."""
+        start, end = class_range(self.num_classes, rank, world_size)
+        if (start, end) == (self.start, self.end):
+            return
+        self.rank, self.world_size, self.start, self.end = rank, world_size, start, end
+        self.weight = nn.Parameter(self._init_centres(end - start, rank).to(self.weight.device))
+
+    @staticmethod
+    def ddp_ignored(prefix: str) -> list[str]:
+        """Parameter names DDP must not average: each rank's centres are a different block."""
+        return [f"{prefix}.weight"]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # A checkpoint written by a W-rank run holds rank 0's block only. A single-process rebuild (evaluation,
+        # export) never uses the centres, so it takes that block as it is instead of failing on the shape.
+        stored = state_dict.get(prefix + "weight")
+        if stored is not None and stored.shape != self.weight.shape and self.world_size == 1:
+            self.weight = nn.Parameter(torch.empty_like(stored, device=self.weight.device))
+            self.end = stored.shape[0]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def sample(self, local_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose the centres of this step.
+
+        Args:
+            local_labels: ``[N, l]`` class ids relative to this rank's block, -1 where not held here.
+
+        Returns:
+            ``index`` ``[n]`` sorted local centre ids (every positive, then random others up to
+            ``sample_rate * C_r``) and ``labels`` ``[N, l]`` remapped into ``index`` (-1 kept).
+        """
+        num_local = self.end - self.start
+        if self.sample_rate >= 1.0:
+            return torch.arange(num_local, device=local_labels.device), local_labels
+        held = local_labels >= 0
+        positive = torch.unique(local_labels[held])
+        num_sample = max(int(self.sample_rate * num_local), positive.numel())
+        score = torch.rand(num_local, device=local_labels.device)
+        score[positive] = 2.0  # positives first
+        index = torch.topk(score, k=num_sample).indices.sort().values
+        remapped = torch.where(held, torch.searchsorted(index, local_labels.clamp_min(0)), local_labels)
+        return index, remapped
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> ClusterLossOutput:
+        """Mean loss over the embeddings of all ranks.
+
+        Args:
+            embeddings: ``[B, D]`` this rank's embeddings (not necessarily normalised).
+            labels: ``[B]`` (single label) or ``[B, l]`` global class ids, -1 for padding.
+        """
+        labels = labels.reshape(labels.shape[0], -1)
+        if labels.shape[1] > 1 and not self.objective.multi_label:
+            raise ValueError(f"{type(self.objective).__name__} takes one label per sample, got {labels.shape[1]}")
+        _, world_size = world_info()
+        if world_size != self.world_size:
+            raise RuntimeError(f"PartialFC sharded for {self.world_size} ranks but running on {world_size}; "
+                               "call shard(rank, world_size) after the process group starts")
+        if world_size > 1:
+            embeddings = _ScaleGrad.apply(embeddings, float(world_size))
+        all_emb = gather_with_grad(embeddings)  # [N, D]
+        all_labels = gather_no_grad(labels)  # [N, l]
+        held = (all_labels >= self.start) & (all_labels < self.end)
+        local_labels = torch.where(held, all_labels - self.start, torch.full_like(all_labels, -1))
+        index, local_labels = self.sample(local_labels)
+        centres = self.weight[index]
+        if self.num_feat is not None and self.num_feat < self.embedding_dim:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._step)  # same subset on every rank
+            dims = torch.randperm(self.embedding_dim, generator=gen)[: self.num_feat].to(all_emb.device)
+            all_emb, centres = all_emb[:, dims], centres[:, dims]
+        self._step += 1
+        cos = (F.normalize(all_emb.float(), dim=1) @ F.normalize(centres.float(), dim=1).T).clamp(-1, 1)
+        positive = torch.zeros_like(cos, dtype=torch.bool)
+        rows, cols = (local_labels >= 0).nonzero(as_tuple=True)
+        positive[rows, local_labels[rows, cols]] = True
+        loss = self.objective(cos, positive).mean()
+        return ClusterLossOutput(loss=loss, num_sampled=int(index.numel()))
