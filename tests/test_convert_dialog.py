@@ -1,0 +1,114 @@
+"""CC3M TSV, VisDial and MMDialog converters on fixture files in their official layouts; the MMDialog recall."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from unimm.data.benchmark import load_benchmark, read_qrels
+from unimm.data.convert.cc3m import convert_cc3m
+from unimm.data.convert.mmdialog import convert_mmdialog
+from unimm.data.convert.visdial import convert_visdial
+from unimm.data.records import decode_sample
+from unimm.data.shards import iter_raw_samples, read_index
+from unimm.eval.dialog import candidate_list_recall
+
+
+def _jpg(path, colour=(200, 10, 10)):
+    Image.fromarray(np.full((8, 8, 3), colour, np.uint8)).save(path, format="JPEG")
+
+
+def _records(shard_set):
+    return [decode_sample(raw) for shard in read_index(shard_set).shards for raw in iter_raw_samples(shard.path)]
+
+
+def test_cc3m_tsv_counts_missing_and_broken_images(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    _jpg(images / "dog.jpg")
+    _jpg(images / "tree.jpg", (0, 200, 0))
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    tsv = tmp_path / "cc3m_val.tsv"
+    tsv.write_text("caption\timage\nA picture of a dog\tdog.jpg\nTree\ttree.jpg\nGone\tmissing.jpg\n"
+                   "Broken\tbroken.jpg\n\ttree.jpg\n")
+    report = convert_cc3m(tsv, images, tmp_path / "out", shard_size=1)
+    assert report["lines"] == 5 and report["kept"] == 2
+    assert report["skipped"] == {"missing_image": 1, "bad_image": 1, "empty_caption": 1}
+    assert json.loads((tmp_path / "out" / "convert_report.json").read_text())["kept"] == 2
+    recs = sorted(_records(tmp_path / "out"), key=lambda r: r.meta["image"])
+    assert [r.sides["query"].text for r in recs] == ["A picture of a dog", "Tree"]
+    assert recs[1].sides["pos"].image.getpixel((4, 4))[1] > 150  # the tree image is the green one
+    assert read_index(tmp_path / "out").total == 2
+
+
+def _visdial_fixture(tmp_path):
+    img_dir = tmp_path / "VisualDialog_val2018"
+    img_dir.mkdir()
+    for image_id, colour in ((7, (255, 0, 0)), (42, (0, 0, 255))):
+        _jpg(img_dir / f"VisualDialog_val2018_{image_id:012d}.jpg", colour)
+    turns = [{"question": 0, "answer": 0, "answer_options": [0, 1], "gt_index": 0},
+             {"question": 1, "answer": 1, "answer_options": [0, 1], "gt_index": 1}]
+    data = {"version": "1.0", "split": "val2018", "data": {
+        "questions": ["is it red", "is it big"], "answers": ["yes", "no"],
+        "dialogs": [{"image_id": 7, "caption": "a red thing", "dialog": turns},
+                    {"image_id": 42, "caption": "a blue thing", "dialog": turns},
+                    {"image_id": 99, "caption": "lost", "dialog": turns}]}}
+    path = tmp_path / "visdial_1.0_val.json"
+    path.write_text(json.dumps(data))
+    return path, img_dir
+
+
+def test_visdial_both_directions_per_round(tmp_path):
+    path, img_dir = _visdial_fixture(tmp_path)
+    report = convert_visdial(path, img_dir, tmp_path / "bench", rounds=(1, 2))
+    assert report["kept"] == 2 and report["skipped"] == {"missing_image": 1}
+    bench = load_benchmark(tmp_path / "bench")
+    assert [e.name for e in bench.evaluations] == ["visdial_d2i_r1", "visdial_i2d_r1", "visdial_d2i_r2", "visdial_i2d_r2"]
+    d2i = {r.key: r for r in _records(bench.evaluation("visdial_d2i_r2").queries)}
+    assert d2i["dlg7"].sides["query"].text == "Q: is it red? A: yes. Q: is it big? A: no."
+    r1 = {r.key: r for r in _records(bench.evaluation("visdial_d2i_r1").queries)}
+    assert r1["dlg42"].sides["query"].text == "Q: is it red? A: yes."
+    d2i_qrels = read_qrels(bench.evaluation("visdial_d2i_r1").qrels)
+    assert {k: set(v) for k, v in d2i_qrels.items()} == {"dlg7": {"7"}, "dlg42": {"42"}}
+    i2d = bench.evaluation("visdial_i2d_r2")
+    assert {k: set(v) for k, v in read_qrels(i2d.qrels).items()} == {"img7": {"dlg7"}, "img42": {"dlg42"}}
+    pool = {r.meta["did"]: r for r in _records(bench.pools[i2d.pool])}
+    assert pool["dlg42"].sides["cand"].text == d2i["dlg42"].sides["query"].text
+
+
+def test_mmdialog_context_and_candidates(tmp_path):
+    split = tmp_path / "test"
+    split.mkdir()
+    for key in ("111", "-222", "333", "444", "555"):
+        _jpg(split / f"{key}.jpg")
+    conversations = [
+        {"conversation_id": 0, "conversation": [
+            {"turn": [{"__TEXT__": "look at this"}, {"__MEDIA__": "111"}]},
+            {"turn": [{"__TEXT__": "nice, here is mine"}, {"__MEDIA__": "-222"}]}],
+         "negative_candidate_media_keys": ["333", "444", "missing"], "negative_candidate_texts": ["x"]},
+        {"conversation_id": 1, "conversation": [{"turn": [{"__TEXT__": "hi"}]}, {"turn": [{"__TEXT__": "hello"}]}],
+         "negative_candidate_media_keys": ["555"], "negative_candidate_texts": ["y"]},
+    ]
+    (split / "conversations.json").write_text("\n".join(json.dumps(c) for c in conversations))  # JSON lines
+    report = convert_mmdialog(split, tmp_path / "bench")
+    assert report["kept"] == 1
+    assert report["skipped"] == {"no_image_response": 1, "candidate_missing_image": 1}
+    bench = load_benchmark(tmp_path / "bench")
+    spec = bench.evaluation("mmdialog_image_response")
+    (query,) = _records(spec.queries)
+    assert query.meta["candidates"] == ["-222", "333", "444"]
+    assert query.sides["ctx.0"].text == "look at this" and query.sides["query"].image is not None
+    assert {r.meta["did"] for r in _records(bench.pools[spec.pool])} == {"111", "-222", "333", "444"}
+
+
+def test_candidate_list_recall_by_hand():
+    pool = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [-1.0, 0.0]])
+    metas = [{"did": d} for d in "abcd"]
+    queries = np.array([[1.0, 0.0], [1.0, 0.0]])
+    # query 0: positive a scores 1.0, best of its list -> hit at 1
+    # query 1: positive b scores 0 vs c 0.7 and a 1.0 -> rank 3: miss at 1, hit at 5; d is not its candidate
+    qmetas = [{"candidates": ["a", "b", "c"]}, {"candidates": ["b", "c", "a", "d"]}]
+    got = candidate_list_recall(queries, qmetas, pool, metas, (1, 2, 5))
+    assert got == {"recall@1": 50.0, "recall@2": 50.0, "recall@5": 100.0}

@@ -1,0 +1,106 @@
+"""Dialogue benchmarks of the frozen-LLM family: VisDial rounds and MMDialog image-response retrieval.
+
+``VisDialEvaluator`` runs the shared :class:`~unimm.eval.retrieval.RetrievalEvaluator` over the benchmark written
+by :mod:`unimm.data.convert.visdial` and adds a table with rounds as rows and R@1/5/10 per direction:
+``d2i`` = dialogue -> image (the true direction; the numbers UNIMUR's Table 3 / FROMAGe's VisDial table label
+"text-to-image"), ``i2d`` = image -> dialogue, which is what FROMAGe's ``eval_visdial_retrieval.py`` actually
+computes (its score matrix is images x dialogues with top-k per image row). Which of the two the papers' numbers
+come from cannot be settled from the public code: FROMAGe's script gives i2d, so its published numbers are most
+likely i2d; UNIMUR's script is not public.
+
+``MMDialogEvaluator``: every query (dialogue context) ranks only its own 1,000 candidates (the response image +
+999 ``negative_candidate_media_keys``); Recall@k = share of queries whose true image is in its top k, which is
+the official per-element recall with one visual element per response (EvaluationExample.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from unimm.data.benchmark import load_benchmark
+from unimm.eval.metrics import rank_candidates
+from unimm.eval.report import markdown_table, write_metrics_json
+from unimm.eval.retrieval import RetrievalEvaluator
+from unimm.utils.progress import is_rank_zero
+
+
+class VisDialEvaluator(RetrievalEvaluator):
+    """The shared evaluator plus a rounds x R@k table (``visdial_rounds.md``)."""
+
+    def run(self, module, datamodule, output_dir: str | os.PathLike, logger=None, tag: str = "") -> dict[str, float]:
+        results = super().run(module, datamodule, output_dir, logger=logger, tag=tag)
+        if is_rank_zero():
+            bench = load_benchmark(self.benchmark)
+            rows, table = [], {}
+            for spec in bench.evaluations:
+                if self.evaluations and spec.name not in self.evaluations:
+                    continue
+                direction, _, rnd = spec.task.partition("_r")
+                row = f"round {rnd}"
+                if row not in rows:
+                    rows.append(row)
+                for k in spec.ks:
+                    table[(row, f"{direction} R@{k}")] = results[f"{self.prefix}/{bench.name}/{spec.name}/hit@{k}"]
+            columns = sorted({c for _, c in table})
+            text = markdown_table(rows, columns, table, title="VisDial retrieval by dialogue rounds (d2i = dialogue->image; "
+                                  "i2d = image->dialogue, the direction of FROMAGe's script)", row_header="rounds")
+            Path(output_dir, "visdial_rounds.md").write_text(text + "\n")
+            print(text)
+        return results
+
+
+class MMDialogEvaluator(RetrievalEvaluator):
+    """Per-query candidate lists (``meta["candidates"]``, dids of the pool) instead of the whole pool."""
+
+    def run(self, module, datamodule, output_dir: str | os.PathLike, logger=None, tag: str = "") -> dict[str, float]:
+        bench = load_benchmark(self.benchmark)
+        output_dir = Path(output_dir)
+        cache = output_dir / "embeddings" / (tag or "model")
+        was_training = module.training
+        module.eval()
+        results: dict[str, float] = {}
+        for spec in bench.evaluations:
+            if self.evaluations and spec.name not in self.evaluations:
+                continue
+            pool = self.embed(module, datamodule, bench.pools[spec.pool], "cand", cache / f"pool-{spec.pool}")
+            queries = self.embed(module, datamodule, spec.queries, "query", cache / f"queries-{spec.name}")
+            if not is_rank_zero():
+                continue
+            metrics = candidate_list_recall(queries.vectors, queries.metas, pool.vectors, pool.metas, spec.ks)
+            for name, value in metrics.items():
+                results[f"{self.prefix}/{bench.name}/{spec.name}/{name}"] = value
+        if was_training:
+            module.train()
+        if is_rank_zero():
+            rows = sorted({k.split("/")[2] for k in results})
+            table = {(k.split("/")[2], k.split("/")[3].replace("recall", "R")): v for k, v in results.items()}
+            text = markdown_table(rows, sorted({c for _, c in table}), table,
+                                  title=f"{bench.name}: image-response retrieval, 1,000 candidates per dialogue",
+                                  row_header="evaluation")
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / f"retrieval_{bench.name}.md").write_text(text + "\n")
+            write_metrics_json(output_dir / "metrics.json", results)
+            print(text)
+            if logger is not None:
+                logger.log_metrics(results)
+        return self._broadcast(results)
+
+
+def candidate_list_recall(query_vectors, query_metas, pool_vectors, pool_metas, ks) -> dict[str, float]:
+    """Recall@k (%) where query i ranks only ``query_metas[i]["candidates"]``; the first candidate is the positive.
+
+    Args:
+        query_vectors: ``[Q, D]``; pool_vectors: ``[N, D]`` (rows named by ``pool_metas[j]["did"]``).
+    """
+    row_of = {m["did"]: j for j, m in enumerate(pool_metas)}
+    hits = {k: [] for k in ks}
+    for q, meta in enumerate(query_metas):
+        cands = [row_of[d] for d in meta["candidates"]]
+        scores = np.asarray(pool_vectors[cands], np.float32) @ np.asarray(query_vectors[q], np.float32)
+        ranked = rank_candidates(scores[None], max(ks))[0]
+        for k in ks:
+            hits[k].append(0 in ranked[:k])  # candidate 0 is the response's image
+    return {f"recall@{k}": 100.0 * float(np.mean(v)) for k, v in hits.items()}
