@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 # The Hydra tree lives beside the package (installed editable by `make install`); UNIMM_CONF_DIR points elsewhere.
@@ -60,6 +61,9 @@ def instantiate_dict(node: DictConfig | None) -> list[Any]:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list):
+    """The Lightning Trainer of ``cfg.trainer``, with a rich progress bar unless ``trainer.enable_progress_bar=false``."""
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [*callbacks, RichProgressBar(leave=True)]
     strategy = instantiate(cfg.strategy) if cfg.get("strategy") else "auto"
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy)
 

@@ -72,9 +72,13 @@ class EmbeddingModule(L.LightningModule):
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         return bool(finite.item())
 
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer parameter groups; override to give parts their own lr or decay (e.g. fusion layers)."""
+        return weight_decay_groups(self.named_parameters(), weight_decay)
+
     def configure_optimizers(self):
         weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
-        optimizer = self.optimizer_factory(weight_decay_groups(self.named_parameters(), weight_decay))
+        optimizer = self.optimizer_factory(self.param_groups(weight_decay))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))

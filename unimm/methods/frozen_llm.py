@@ -124,18 +124,12 @@ class FrozenLLMModule(EmbeddingModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.encoder.rescale_ret_row()
 
-    def configure_optimizers(self):
+    def param_groups(self, weight_decay: float) -> list[dict]:
         """As the base class, but the LM embedding matrix never gets weight decay: decay would shrink the frozen
         rows, whose gradient is zero but whose weights AdamW's decoupled decay still touches."""
-        weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
         matrix = self.encoder.token_embeddings
         others = ((n, p) for n, p in self.named_parameters() if p is not matrix)
-        groups = weight_decay_groups(others, weight_decay) + [{"params": [matrix], "weight_decay": 0.0}]
-        optimizer = self.optimizer_factory(groups)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return weight_decay_groups(others, weight_decay) + [{"params": [matrix], "weight_decay": 0.0}]
 
     # -- pruned checkpoints --------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
 from collections.abc import Sequence
 
 
@@ -20,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m unimm.data.convert",
         description="Convert public dataset formats into unimm shard sets and benchmark folders. "
         "Skipped samples are counted by reason in <out>/convert_report.json.",
+        epilog="More formats, each with its own --help: " + ", ".join(sorted(DELEGATED)) + ".",
     )
     formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
 
@@ -99,7 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# formats whose converter module has its own command line: `python -m unimm.data.convert cc3m --help`
+DELEGATED = {
+    "cc3m": "unimm.data.convert.cc3m",
+    "visdial": "unimm.data.convert.visdial",
+    "mmdialog": "unimm.data.convert.mmdialog",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        importlib.import_module(DELEGATED[argv[0]]).main(argv[1:])
+        return
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
