@@ -1,0 +1,119 @@
+"""M-BEIR evaluator: the OVEN/InfoSeek positive rule, local vs global pools, k per dataset, the paper table."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from unimm.data.benchmark import BenchmarkWriter
+from unimm.data.datamodule import ShardDataModule
+from unimm.data.mbeir_collate import MBEIRCollator
+from unimm.data.records import Item, make_sample
+from unimm.eval.mbeir import MBEIREvaluator, main, paper_table, report_k, same_dataset_qrels, union_embeddings
+from unimm.eval.retrieval import Embeddings
+from unimm.models.processors import word_level_processor
+
+WORDS = [f"w{i}" for i in range(8)]
+
+
+class FirstWordModule(torch.nn.Module):
+    """Embeds a text as the one-hot vector of its first word: rankings are known by construction."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def encode_query(self, side):
+        return torch.nn.functional.one_hot(side["input_ids"][:, 1], self.dim).float()
+
+    encode_candidate = encode_query
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """OVEN pool {5:1 "w1", 5:2 "w2"}, InfoSeek pool {6:1 "w3", 6:2 "w4"}; InfoSeek query 6:100 "w1" whose qrels
+    also name the OVEN candidate 5:1 (the cross-pool quirk); OVEN query 5:100 "w2" -> 5:2."""
+    root = tmp_path_factory.mktemp("mbeir")
+    (root / "vocab.txt").write_text("\n".join(WORDS))
+    writer = BenchmarkWriter(root / "eval", name="mbeir")
+    for pool, items in {"oven_pool": {"5:1": "w1", "5:2": "w2"}, "infoseek_pool": {"6:1": "w3", "6:2": "w4"}}.items():
+        with writer.pool_writer(pool) as w:
+            for did, text in items.items():
+                w.write(make_sample(f"mbeir_{did.replace(':', '_')}", {"did": did, "modality": "text"},
+                                    cand=Item(text=text)))
+    for name, dataset, pool, qid, text, qrels in [
+        ("infoseek_task6", "INFOSEEK", "infoseek_pool", "6:100", "w1", ["6:100 0 5:1 1 6", "6:100 0 6:1 1 6"]),
+        ("oven_task6", "OVEN", "oven_pool", "5:100", "w2", ["5:100 0 5:2 1 6"]),
+    ]:
+        with writer.query_writer(name) as w:
+            w.write(make_sample(f"mbeir_{qid.replace(':', '_')}", {"qid": qid, "task_id": 6}, query=Item(text=text)))
+        writer.write_qrels(name, qrels)
+        writer.add_evaluation(name, dataset=dataset, task="it2t", query_modality="image,text", cand_modality="text",
+                              pool=pool)
+    writer.save()
+    return root
+
+
+def _run(bench, tmp_path, **kwargs):
+    datamodule = ShardDataModule({}, functools.partial(MBEIRCollator, use_instruction=False), num_workers=0,
+                                 eval_batch_size=4)
+    datamodule.attach_processor(word_level_processor(str(bench / "vocab.txt")))
+    evaluator = MBEIREvaluator(str(bench / "eval"), grid_queries=0, **kwargs)
+    return evaluator.run(FirstWordModule(4 + len(WORDS)), datamodule, tmp_path)
+
+
+def test_local_pools(bench, tmp_path):
+    metrics = _run(bench, tmp_path, pool_mode="local")
+    # InfoSeek: 5:1 is not in its local pool; 6:1 wins the all-zero tie by index
+    assert metrics["val/mbeir/infoseek_task6/hit@1"] == 100.0
+    assert metrics["val/mbeir/oven_task6/hit@1"] == 100.0
+    rows = json.loads((tmp_path / "mbeir_results.json").read_text())["rows"]
+    assert {(r["dataset"], r["k"]) for r in rows} == {("INFOSEEK", 5), ("OVEN", 5)}
+    table = (tmp_path / "mbeir_local.md").read_text()
+    assert table.index("6. (qi,qt) → ct / OVEN") < table.index("6. (qi,qt) → ct / InfoSeek")
+
+
+def test_global_pool_applies_the_same_dataset_rule(bench, tmp_path):
+    metrics = _run(bench, tmp_path / "a", pool_mode="global")
+    # the OVEN candidate 5:1 ranks first for the InfoSeek query but is not its positive under UniIR's rule
+    assert metrics["val/mbeir/infoseek_task6/hit@1"] == 0.0
+    assert metrics["val/mbeir/infoseek_task6/hit@5"] == 100.0
+    rows = json.loads((tmp_path / "a" / "mbeir_results.json").read_text())["rows"]
+    assert {r["dataset"]: r["pool_size"] for r in rows} == {"INFOSEEK": 4, "OVEN": 4}
+    assert {r["dataset"]: r["dropped_cross_dataset_qrels"] for r in rows} == {"INFOSEEK": 1, "OVEN": 0}
+    without_rule = _run(bench, tmp_path / "b", pool_mode="global", same_dataset_positives=False)
+    assert without_rule["val/mbeir/infoseek_task6/hit@1"] == 100.0
+
+
+def test_same_dataset_qrels_and_k_per_dataset():
+    kept, dropped = same_dataset_qrels({"6:1": {"5:3", "6:4"}, "5:2": {"6:9"}, "toy_q": {"toy_d"}})
+    assert kept == {"6:1": {"6:4"}, "toy_q": {"toy_d"}} and dropped == 2
+    assert (report_k("Fashion200K"), report_k("FashionIQ"), report_k("MSCOCO")) == (10, 10, 5)
+
+
+def test_paper_table_orders_rows_and_averages(tmp_path, capsys):
+    models = {"A": {("i2t", "MSCOCO"): 80.0, ("t2i", "MSCOCO"): 60.0}, "B": {("t2i", "MSCOCO"): 50.0}}
+    text = paper_table(models)
+    assert text.index("1. qt → ci / MSCOCO") < text.index("4. qi → ct / MSCOCO")
+    assert "| **Average (1/2 rows)** | 60.0 | 50.0 |" in text
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"rows": [{"task": "t2i", "dataset": "MSCOCO", "value": 42.0}]}))
+    main(["table", f"M={path}"])
+    assert "| 1. qt → ci / MSCOCO | 42.0 |" in capsys.readouterr().out
+
+
+def test_union_keeps_a_shared_did_once():
+    a = Embeddings(np.eye(2, dtype=np.float16), ["k1", "k2"], [{"did": "1:1"}, {"did": "1:2"}], ["s", "s"])
+    b = Embeddings(np.eye(2, dtype=np.float16)[::-1], ["k2", "k3"], [{"did": "1:2"}, {"did": "1:3"}], ["t", "t"])
+    union = union_embeddings([a, b])
+    assert union.keys == ["k1", "k2", "k3"]
+    np.testing.assert_array_equal(union.vectors, np.array([[1, 0], [0, 1], [1, 0]], dtype=np.float16))

@@ -1,0 +1,82 @@
+"""Builders for Hugging Face BLIP dual encoders (``BlipModel``): a tiny random model for CPU tests, or real weights
+from a local folder.
+
+UniIR's BLIP retrievers use the BLIP ViT, the BERT text encoder *with* its cross-attention layers (text mode for
+score fusion, multimodal mode for feature fusion), its pooler (feature fusion) and new projections to the
+embedding dim (768 for ViT-L: 1024 -> 768 and 768 -> 768). ``BlipModel`` holds exactly these parts:
+``vision_model``, ``text_model`` (with pooler; cross-attention when ``text_config.is_decoder``),
+``visual_projection``, ``text_projection``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import BlipConfig, BlipForImageTextRetrieval, BlipModel
+
+from unimm.models.processors import BOS_ID, EOS_ID, PAD_ID, vocab_size
+
+
+def _require_folder(path: str) -> None:
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"no BLIP checkpoint at {path}: expected {Path(path) / 'config.json'} and weights")
+
+
+def blip_from_pretrained(path: str, dtype: str | None = None) -> BlipModel:
+    """Load a ``BlipModel`` saved in a local Hugging Face folder (e.g. a UniIR BLIP model saved by unimm)."""
+    _require_folder(path)
+    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
+    return BlipModel.from_pretrained(path, local_files_only=True, **kwargs)
+
+
+def blip_from_retrieval_pretrained(path: str, projection_dim: int = 768, dtype: str | None = None) -> BlipModel:
+    """A ``BlipModel`` initialised from a local ``BlipForImageTextRetrieval`` folder (e.g. a copy of
+    ``Salesforce/blip-itm-large-coco``), as UniIR starts from a BLIP checkpoint.
+
+    The ViT and the text encoder (cross-attention included) are copied; the text pooler and the two projections
+    to ``projection_dim`` are new, as in UniIR (BLIP's own projections map to 256, and its retrieval checkpoints
+    carry no pooler weights). Every copied tensor must match: a missing or unexpected key is an error.
+    """
+    _require_folder(path)
+    source = BlipForImageTextRetrieval.from_pretrained(path, local_files_only=True)
+    config = BlipConfig(text_config=source.config.text_config.to_dict(),
+                        vision_config=source.config.vision_config.to_dict(), projection_dim=projection_dim)
+    model = BlipModel(config)
+    model.vision_model.load_state_dict(source.vision_model.state_dict(), strict=True)
+    missing, unexpected = model.text_model.load_state_dict(source.text_encoder.state_dict(), strict=False)
+    new = {"pooler.dense.weight", "pooler.dense.bias"}
+    if unexpected or set(missing) != new:
+        raise KeyError(f"text encoder of {path} does not match BlipTextModel: missing {sorted(set(missing) - new)}, "
+                       f"unexpected {sorted(unexpected)}")
+    if dtype:
+        model = model.to(getattr(torch, dtype))
+    return model
+
+
+def tiny_blip(
+    vocab_file: str,
+    image_size: int = 32,
+    patch_size: int = 4,
+    width: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    projection_dim: int = 64,
+    max_text_length: int = 32,
+    seed: int = 0,
+) -> BlipModel:
+    """A randomly initialised BLIP dual encoder small enough to train on a CPU; the text side uses the word-level
+    vocabulary of ``vocab_file`` with its ``[BOS]`` as the first ([CLS]) token."""
+    text = dict(
+        vocab_size=vocab_size(vocab_file), hidden_size=width, encoder_hidden_size=width, intermediate_size=4 * width,
+        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=max_text_length,
+        pad_token_id=PAD_ID, bos_token_id=BOS_ID, sep_token_id=EOS_ID, is_decoder=True,  # is_decoder: cross-attention
+    )
+    vision = dict(
+        image_size=image_size, patch_size=patch_size, hidden_size=width, intermediate_size=4 * width,
+        num_hidden_layers=layers, num_attention_heads=heads,
+        initializer_range=0.02,  # BlipVisionConfig's default 1e-10 (fine for loading weights) leaves a random ViT blind
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return BlipModel(BlipConfig(text_config=text, vision_config=vision, projection_dim=projection_dim))
