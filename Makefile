@@ -21,12 +21,15 @@ $(STAMP): pyproject.toml
 train: install
 	$(PY) -m unimm.train $(ARGS)
 
+# Two test processes (one per core; each file stays on one process so its expensive fixtures run once).
+XDIST  ?= -n 2 --dist loadfile
+
 ## Fast suite: CPU only, no network.
 test: install
-	$(PY) -m pytest -m "not slow and not gpu" -q $(ARGS)
+	$(PY) -m pytest -m "not slow and not gpu" -q $(XDIST) $(ARGS)
 
 test-full: install
-	$(PY) -m pytest -m "not gpu" -q $(ARGS)
+	$(PY) -m pytest -m "not gpu" -q $(XDIST) $(ARGS)
 
 test-gpu: install
 	$(PY) -m pytest -m gpu -q $(ARGS)

@@ -49,6 +49,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     args = parser.parse_args()
+    if not torch.cuda.is_available():  # `make bench` on a CPU machine: say so instead of failing
+        print(json.dumps({"benchmark": "clip_vit_b16_bf16_train", "skipped": "needs a CUDA GPU"}))
+        return
     device = torch.device("cuda")
     module = UniIRModule(vit_b16(), InfoNCE(temperature=None), functools.partial(torch.optim.AdamW, lr=1e-5)).to(device)
     optimizer = module.optimizer_factory(module.parameters())
