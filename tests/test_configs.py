@@ -55,7 +55,7 @@ def test_experiment_composes(experiment, tmp_path):
         assert "_target_" in cfg[node], f"{experiment}: {node} has no _target_"
     # everything resolves except values the user must supply (checkpoint paths of real models)
     missing = missing_keys(cfg)
-    assert all(key.endswith("path") for key in missing), missing
+    assert all(key.endswith(("path", "_dir")) for key in missing), missing
 
 
 def test_default_root_config_is_the_toy_run(tmp_path):

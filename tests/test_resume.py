@@ -63,7 +63,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(toy_data_dir, tmp_path):
     from unimm.checkpoints import load_checkpoint
 
     resumed_step = load_checkpoint(last)["global_step"]
-    assert 12 <= resumed_step < STEPS
+    assert 4 <= resumed_step < STEPS  # last.ckpt may still be the one before step 12 when the kill lands
 
     run_cli("unimm.train", *_overrides(toy_data_dir, tmp_path / "c"), f"resume_from={last}", cwd=tmp_path)
     resumed_dir = single_run_dir(tmp_path / "c", EXPERIMENT)

@@ -32,7 +32,8 @@ def make_batches(root: Path, batch: int, n_batches: int) -> list[dict]:
     toy = ensure_toy(root / "toy")
     collate = RetrievalCollator(word_level_processor(str(toy / "vocab.txt")), sides=("query", "pos"))
     records = [decode_sample(raw) for shard in read_index(toy / "train").shards for raw in iter_raw_samples(shard.path)]
-    return [collate(records[i * batch : (i + 1) * batch]) for i in range(n_batches)]
+    per_epoch = len(records) // batch  # cycle through the records when more steps than one epoch are asked
+    return [collate(records[(i % per_epoch) * batch : (i % per_epoch + 1) * batch]) for i in range(n_batches)]
 
 
 def build(vocab: str) -> UniIRModule:

@@ -107,6 +107,7 @@ DELEGATED = {
     "cc3m": "unimm.data.convert.cc3m",
     "visdial": "unimm.data.convert.visdial",
     "mmdialog": "unimm.data.convert.mmdialog",
+    "vlmo_arrow": "unimm.data.convert.vlmo_arrow",
 }
 
 

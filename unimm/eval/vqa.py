@@ -1,0 +1,100 @@
+"""VQAv2 soft-score accuracy and NLVR2 accuracy of a VLMo module, with the evaluator ``run`` signature.
+
+VQA score (official VQA metric as ViLT/VLMo compute it during validation): the predicted answer (argmax of the
+classifier) earns the soft score of that answer for the question (``min(1, #humans / 3)`` style scores stored
+in ``answer_scores``: 0.3, 0.6, 0.9, 1.0), 0 when it is not among ``answer_labels``; reported in %.
+NLVR2: plain accuracy of the True/False prediction, in %.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unimm.eval.report import markdown_table, write_metrics_json
+from unimm.utils.progress import is_rank_zero
+
+
+def _to_device(side: dict[str, Any], device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in side.items()}
+
+
+def vqa_score(logits: torch.Tensor, labels: list[list[int]], scores: list[list[float]]) -> torch.Tensor:
+    """Per-question score ``[B]`` of the argmax answer."""
+    pred = logits.argmax(-1).tolist()
+    return torch.tensor([dict(zip(lab, sc, strict=True)).get(p, 0.0) for p, lab, sc in zip(pred, labels, scores, strict=True)])
+
+
+class _TaskEvaluator:
+    """Shared loop: stream a shard set once (every rank its shards), sum a per-record score, report."""
+
+    name = ""
+    sides: tuple[str, ...] = ("query",)
+
+    def __init__(self, shard_set: str, prefix: str = "val", dataset: str | None = None):
+        self.shard_set = shard_set
+        self.prefix = prefix
+        self.dataset = dataset or Path(shard_set).name
+
+    def batch_scores(self, module, batch) -> torch.Tensor:
+        raise NotImplementedError  # abstract
+
+    @torch.no_grad()
+    def run(self, module, datamodule, output_dir: str | os.PathLike, logger=None, tag: str = "") -> dict[str, float]:
+        was_training = module.training
+        module.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=module.device)  # (sum of scores, count)
+        for batch in datamodule.eval_loader(self.shard_set, sides=self.sides):
+            if not batch["keys"]:
+                continue
+            batch = {**batch, **{s: _to_device(batch[s], module.device) for s in self.sides}}
+            scores = self.batch_scores(module, batch)
+            total += torch.tensor([float(scores.sum()), float(len(scores))], dtype=torch.float64, device=module.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+        if was_training:
+            module.train()
+        value = 100.0 * float(total[0] / total[1].clamp(min=1))
+        key = f"{self.prefix}/{self.name}/{self.dataset}/{'score' if self.name == 'vqa' else 'accuracy'}"
+        results = {key: value, f"{self.prefix}/{self.name}/{self.dataset}/count": float(total[1])}
+        if is_rank_zero():
+            output_dir = Path(output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            text = markdown_table([self.dataset], [key.rsplit("/", 1)[1]], {(self.dataset, key.rsplit("/", 1)[1]): value},
+                                  title=f"{self.name.upper()} ({tag or 'model'})", row_header="dataset", average_row=False)
+            (output_dir / f"{self.name}_{self.dataset}.md").write_text(text + "\n")
+            write_metrics_json(output_dir / "metrics.json", results)
+            print(text)
+            if logger is not None:
+                logger.log_metrics(results)
+        return results
+
+
+class VQAEvaluator(_TaskEvaluator):
+    """VQA soft-score accuracy over a shard set written by ``vlmo_arrow vqa`` (meta: answer_labels, answer_scores).
+
+    Args:
+        shard_set: the converted split (e.g. the Karpathy-style VQAv2 minival).
+        prefix: metric prefix; names are ``<prefix>/vqa/<dataset>/score``.
+    """
+
+    name = "vqa"
+
+    def batch_scores(self, module, batch) -> torch.Tensor:
+        logits = module.vqa_logits(batch["query"])
+        return vqa_score(logits.cpu(), [m["answer_labels"] for m in batch["meta"]], [m["answer_scores"] for m in batch["meta"]])
+
+
+class NLVR2Evaluator(_TaskEvaluator):
+    """NLVR2 accuracy over a shard set written by ``vlmo_arrow nlvr2`` (sides query + image1, meta label)."""
+
+    name = "nlvr2"
+    sides = ("query", "image1")
+
+    def batch_scores(self, module, batch) -> torch.Tensor:
+        logits = module.nlvr2_logits(batch["query"], batch["image1"])
+        labels = torch.tensor([int(m["label"]) for m in batch["meta"]])
+        return (logits.argmax(-1).cpu() == labels).float()
