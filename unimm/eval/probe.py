@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from unimm.eval.index import EmbeddingIndex
-from unimm.eval.report import markdown_table, write_metrics_json
+from unimm.eval.report import markdown_table, publish
 from unimm.losses.distributed import gather_no_grad
 from unimm.utils.progress import is_rank_zero
 
@@ -106,15 +105,9 @@ class _FrozenFeatureEvaluator:
             module.train()
         results = {f"{self.prefix}/{self.name}/{metric}": value for metric, value in scores.items()}
         if is_rank_zero():
-            output_dir = Path(output_dir)
-            output_dir.mkdir(parents=True, exist_ok=True)
             table = markdown_table([self.name], list(scores), {(self.name, m): v for m, v in scores.items()},
                                    title=f"{self.title} ({tag or 'model'})", average_row=False, row_header="dataset")
-            (output_dir / f"{type(self).__name__}_{self.name}.md").write_text(table + "\n")
-            write_metrics_json(output_dir / "metrics.json", results)
-            print(table)
-            if logger is not None:
-                logger.log_metrics(results)
+            publish(output_dir, f"{type(self).__name__}_{self.name}", table, results, logger)
         return results
 
 

@@ -138,3 +138,14 @@ def retrieval_grid(rows: Sequence[tuple[Item, Sequence[Item], Sequence[bool]]], 
         for c, (cand, rel) in enumerate(zip(cands, relevant, strict=True)):
             grid.paste(_tile(cand, tile, GREEN if rel else RED), (tile + gap + c * tile, r * tile))
     return grid
+
+
+def publish(output_dir: str | os.PathLike, stem: str, table: str, metrics: dict, logger=None) -> None:
+    """Write ``<stem>.md`` and ``metrics.json`` into ``output_dir``, print the table, send metrics to the logger."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"{stem}.md").write_text(table + "\n")
+    write_metrics_json(output_dir / "metrics.json", metrics)
+    print(table)
+    if logger is not None:
+        logger.log_metrics(metrics)

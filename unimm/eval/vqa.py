@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from unimm.eval.report import markdown_table, write_metrics_json
+from unimm.eval.report import markdown_table, publish
 from unimm.utils.progress import is_rank_zero
 
 
@@ -61,15 +61,9 @@ class _TaskEvaluator:
         key = f"{self.prefix}/{self.name}/{self.dataset}/{'score' if self.name == 'vqa' else 'accuracy'}"
         results = {key: value, f"{self.prefix}/{self.name}/{self.dataset}/count": float(total[1])}
         if is_rank_zero():
-            output_dir = Path(output_dir)
-            output_dir.mkdir(parents=True, exist_ok=True)
             text = markdown_table([self.dataset], [key.rsplit("/", 1)[1]], {(self.dataset, key.rsplit("/", 1)[1]): value},
                                   title=f"{self.name.upper()} ({tag or 'model'})", row_header="dataset", average_row=False)
-            (output_dir / f"{self.name}_{self.dataset}.md").write_text(text + "\n")
-            write_metrics_json(output_dir / "metrics.json", results)
-            print(text)
-            if logger is not None:
-                logger.log_metrics(results)
+            publish(output_dir, f"{self.name}_{self.dataset}", text, results, logger)
         return results
 
 
