@@ -90,7 +90,7 @@ class DataAccounting(L.Callback):
         if trainer.is_global_zero:
             stream = trainer.datamodule.train_stream()
             report = accounting.summary(stats, stream.promised).replace("\n", "; ")
-            print(f"[data] epoch {trainer.current_epoch}: {report}; unused by rank balancing: {stream.unused_per_epoch}")
+            print(f"[data] epoch {trainer.current_epoch}: {report}; not used this epoch (equal full batches per worker): {stream.unused_per_epoch}")
         for logger in trainer.loggers:
             logger.log_metrics(
                 {"data/delivered": stats.delivered, "data/skipped": stats.n_skipped, "data/refilled": stats.refilled},
