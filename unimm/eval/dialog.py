@@ -22,7 +22,7 @@ import numpy as np
 
 from unimm.data.benchmark import load_benchmark
 from unimm.eval.metrics import rank_candidates
-from unimm.eval.report import markdown_table, write_metrics_json
+from unimm.eval.report import markdown_table, publish
 from unimm.eval.retrieval import RetrievalEvaluator
 from unimm.utils.progress import is_rank_zero
 
@@ -80,12 +80,7 @@ class MMDialogEvaluator(RetrievalEvaluator):
             text = markdown_table(rows, sorted({c for _, c in table}), table,
                                   title=f"{bench.name}: image-response retrieval, 1,000 candidates per dialogue",
                                   row_header="evaluation")
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / f"retrieval_{bench.name}.md").write_text(text + "\n")
-            write_metrics_json(output_dir / "metrics.json", results)
-            print(text)
-            if logger is not None:
-                logger.log_metrics(results)
+            publish(output_dir, f"retrieval_{bench.name}", text, results, logger)
         return self._broadcast(results)
 
 
