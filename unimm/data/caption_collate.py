@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from unimm.data.collate import format_query_text
-from unimm.data.records import Item, Record
+from unimm.data.records import Item, Record, record_fields
 
 CONTEXT_PREFIX = "ctx."  # dialogue records: sides ctx.0, ctx.1, ... hold the earlier turns, oldest first
 
@@ -114,10 +114,7 @@ class FrozenLMCollator:
                 used.append(r)
                 images.append(image)
                 captions.append(text)
-        batch: dict[str, Any] = {
-            "keys": [r.key for r in used], "meta": [r.meta for r in used], "shards": [r.shard for r in used],
-            "unpaired": len(records) - len(used),
-        }
+        batch: dict[str, Any] = {**record_fields(used), "unpaired": len(records) - len(used)}
         if not used:
             return batch
         caption = self.pad([self.sequence([Item(text=c)], [c]) for c in captions])
@@ -164,9 +161,7 @@ class FrozenLMCollator:
     def __call__(self, records: list[Record]) -> dict[str, Any]:
         if self.sides == self.pair_sides:
             return self.pairs(records)
-        batch: dict[str, Any] = {
-            "keys": [r.key for r in records], "meta": [r.meta for r in records], "shards": [r.shard for r in records],
-        }
+        batch: dict[str, Any] = record_fields(records)
         for side in self.sides:
             batch[side] = self.encode_side(records, side)
         return batch

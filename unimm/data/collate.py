@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from unimm.data.records import Item, Record
+from unimm.data.records import Item, Record, record_fields
 
 
 def format_query_text(instruction: str | None, text: str | None) -> str | None:
@@ -59,11 +59,7 @@ class RetrievalCollator:
         return out
 
     def __call__(self, records: list[Record]) -> dict[str, Any]:
-        batch: dict[str, Any] = {
-            "keys": [r.key for r in records],
-            "meta": [r.meta for r in records],
-            "shards": [r.shard for r in records],
-        }
+        batch: dict[str, Any] = record_fields(records)
         for side in self.sides:
             items = [r.sides[side] for r in records]
             instructions = [r.instruction for r in records] if side == "query" and self.use_instruction else None

@@ -34,7 +34,7 @@ from PIL import Image
 
 from unimm.data.collate import RetrievalCollator, format_query_text
 from unimm.data.instructions import load_instruction_table
-from unimm.data.records import Item, Record
+from unimm.data.records import Item, Record, record_fields
 
 # M-BEIR task id -> candidate modality (the inverse of the converter's TASK_IDS; 5 is unused)
 TASK_CAND_MODALITY = {0: "image", 1: "text", 2: "image,text", 3: "text", 4: "image", 6: "text", 7: "image",
@@ -128,11 +128,7 @@ class MBEIRCollator(RetrievalCollator):
         return out
 
     def __call__(self, records: list[Record]) -> dict[str, Any]:
-        batch: dict[str, Any] = {
-            "keys": [r.key for r in records],
-            "meta": [r.meta for r in records],
-            "shards": [r.shard for r in records],
-        }
+        batch: dict[str, Any] = record_fields(records)
         positives = [self._pick_positive(r) for r in records] if "pos" in self.sides else None
         for side in self.sides:
             if side == "query":

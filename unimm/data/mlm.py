@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from unimm.data.collate import RetrievalCollator
-from unimm.data.records import Record
+from unimm.data.records import Record, record_fields
 
 IGNORE_INDEX = -100
 APPEND = "append"
@@ -167,10 +167,7 @@ class VLMoCollator(RetrievalCollator):
                     if self.pair_sides[0] in r.sides and r.sides[self.pair_sides[0]].text is not None]
         else:
             kept = [(r, p) for r in records if (p := self._pair(r)) is not None]
-        batch: dict[str, Any] = {
-            "keys": [r.key for r, _ in kept], "meta": [r.meta for r, _ in kept], "shards": [r.shard for r, _ in kept],
-            "unpaired": len(records) - len(kept),
-        }
+        batch: dict[str, Any] = {**record_fields([r for r, _ in kept]), "unpaired": len(records) - len(kept)}
         if not kept:
             return batch
         if self.mode == "text":

@@ -58,6 +58,12 @@ class Record:
     shard: str = ""
 
 
+def record_fields(records: list[Record]) -> dict[str, list]:
+    """The per-record fields every collated batch carries: ``keys``, ``meta`` and ``shards`` (for error reports
+    and the evaluators' row bookkeeping), in batch order."""
+    return {"keys": [r.key for r in records], "meta": [r.meta for r in records], "shards": [r.shard for r in records]}
+
+
 def encode_image(image: Image.Image, fmt: str = "png") -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="JPEG" if fmt in ("jpg", "jpeg") else fmt.upper())

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from unimm.data.records import Item, Record
+from unimm.data.records import Item, Record, record_fields
 
 MMEB_IMAGE_TOKEN = "<|image_1|>"
 DEFAULT_TEMPLATES = {
@@ -85,8 +85,7 @@ class VLMCollator:
         return chunks
 
     def __call__(self, records: list[Record]) -> dict[str, Any]:
-        batch: dict[str, Any] = {"keys": [r.key for r in records], "meta": [r.meta for r in records],
-                                 "shards": [r.shard for r in records]}
+        batch: dict[str, Any] = record_fields(records)
         for side in self.sides:
             items = [r.sides[side] for r in records]
             instructions = [r.instruction if side == "query" and self.use_instruction else None for r in records]
