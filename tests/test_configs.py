@@ -88,3 +88,18 @@ def test_wrong_choice_names_the_group_and_options(tmp_path):
     proc = run_cli("unimm.train", "strategy=ddp_typo", cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert "strategy" in proc.stderr and "deepspeed_stage_2" in proc.stderr
+
+
+def test_unimoco_qwen2vl_7b_is_the_seed_recipe(tmp_path):
+    """UniMoCo's README command (seed 000), value by value, on Qwen2-VL-7B."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["+experiment=unimoco_qwen2vl_7b", f"paths.root_dir={tmp_path}"])
+    assert cfg.model.encoder._target_.endswith("qwen2vl_from_pretrained") and cfg.model.encoder.dtype == "bfloat16"
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.devices == 8        # --bf16, 8 GPUs
+    assert cfg.model.optimizer.lr == 6e-5 and cfg.model.scheduler.warmup_steps == 200   # lr 6e-5 linear, warmup 200
+    assert cfg.model.scheduler._target_.endswith("linear_with_warmup")
+    assert cfg.trainer.max_steps == 2000 and cfg.data.batch_size == 128                # 2000 steps, 128 per GPU
+    assert cfg.model.loss.temperature == 0.02 and cfg.model.lora.rank == 8             # tau 0.02, LoRA r8
+    assert cfg.model.gradcache and cfg.data.collator.chunk_size == 2                   # GC chunks 2/2
+    assert cfg.processor.max_length == 256                                             # max_len 256
+    assert cfg.data.collator.completion_tokens == cfg.model.completion.num_tokens > 0  # modality completion on

@@ -1,6 +1,7 @@
-"""E5-V: NLI CSV (the official sent0,sent1,hard_neg layout) -> shards; one-word summary prompts; zero-shot
+"""E5-V on the tiny twin of LLaVA-Phi-3.5-Mini (e5v_tiny = e5v_llava_phi35 on a random tiny LLaVA): NLI CSV (the
+official sent0,sent1,hard_neg layout) -> shards; one-word summary prompts in the Phi-3 chat turn; zero-shot
 embeddings are the backbone's last token of the prompt; the hard-negative loss by hand; training on text-only NLI
-through the CLI lowers the loss."""
+through the CLI lowers the loss; the real experiments keep the twin's prompts."""
 
 from __future__ import annotations
 
@@ -21,16 +22,21 @@ from unimm.data.shards import iter_raw_samples, read_index
 from unimm.data.vlm_collate import VLMCollator
 from unimm.losses import InfoNCE
 from unimm.methods.vlm_embed import VLMEmbedModule
-from unimm.models.vlm.adapters import qwen2vl_tiny_processor, tiny_qwen2vl
+from unimm.models.vlm.llava import llava_tiny_processor, tiny_llava
 from unimm.models.vlm.pooling import last_token_pool
 
 COLOURS = ["red", "green", "blue", "yellow", "magenta", "cyan"]
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-def e5v_templates() -> dict[str, str]:
+def e5v_templates(experiment: str = "e5v_tiny") -> dict[str, str]:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return dict(compose("train", overrides=["+experiment=e5v_tiny"]).e5v_templates)
+        return dict(compose("train", overrides=[f"+experiment={experiment}"]).e5v_templates)
+
+
+@pytest.mark.parametrize("experiment", ["e5v_llava_phi35", "e5v_llava_phi35_stage1", "e5v_llava_phi35_stage2"])
+def test_real_recipes_prompt_as_the_twin(experiment):
+    assert e5v_templates(experiment) == e5v_templates()
 
 
 def write_nli_csv(path, n: int = 96, seed: int = 0) -> None:
@@ -61,7 +67,7 @@ def test_nli_csv_to_shards(tmp_path):
 @pytest.fixture(scope="module")
 def tiny(toy_data_dir):
     vocab = str(toy_data_dir / "toy" / "vocab.txt")
-    return qwen2vl_tiny_processor(vocab, image_size=56), tiny_qwen2vl(vocab).eval()
+    return llava_tiny_processor(vocab), tiny_llava(vocab).eval()
 
 
 def test_prompts_and_zero_shot_embeddings(tiny):
@@ -69,15 +75,16 @@ def test_prompts_and_zero_shot_embeddings(tiny):
     collator = VLMCollator(processor, sides=("query",), templates=e5v_templates(), use_instruction=False)
     image = Image.new("RGB", (56, 56), (255, 0, 0))
     records = [Record("a", {"query": Item(text="a red digit")}), Record("b", {"query": Item(image=image)})]
-    assert collator.prompt(records[0].sides["query"]) == "a red digit\nSummary above sentence in one word:"
-    assert collator.prompt(records[1].sides["query"]) == (
-        "<|vision_start|><|image_pad|><|vision_end|>\nSummary above image in one word:")
+    # xtuner/llava-phi-3-mini-hf's chat turn around E5-V's prompts
+    text_prompt = "<|user|>\na red digit\nSummary above sentence in one word: <|end|>\n<|assistant|>\n"
+    image_prompt = "<|user|>\n<image>\nSummary above image in one word: <|end|>\n<|assistant|>\n"
+    assert collator.prompt(records[0].sides["query"]) == text_prompt
+    assert collator.prompt(records[1].sides["query"]) == image_prompt
     module = VLMEmbedModule(backbone, InfoNCE(0.05), optimizer=functools.partial(torch.optim.AdamW))
     with torch.no_grad():
         got = module.encode_query(collator(records)["query"])
         # reference: the backbone on the prompt strings typed out here, one row at a time
-        typed = [("a red digit\nSummary above sentence in one word:", []),
-                 ("<|vision_start|><|image_pad|><|vision_end|>\nSummary above image in one word:", [image])]
+        typed = [(text_prompt, []), (image_prompt, [image])]
         want = []
         for text, images in typed:
             inputs = processor([text], [images])
@@ -115,5 +122,6 @@ def test_e5v_tiny_trains_on_text_only_nli(toy_data_dir, tmp_path):
     run_dir = single_run_dir(log_dir, "e5v_tiny")
     rows = list(csv.DictReader(open(next(run_dir.glob("csv/version_*/metrics.csv")))))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    # chance with 32 positives + 1 hard negative per query is ln(33) = 3.5
+    # chance with 32 positives + 1 hard negative per query is ln(33) = 3.5 (measured: about 2.9 -> 0.3)
     assert np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2]), losses
+    assert np.mean(losses[-2:]) < 0.3 * math.log(33), losses

@@ -18,7 +18,7 @@ from unimm.data.collate import RetrievalCollator
 from unimm.data.convert.mmeb import convert_mmeb, convert_mmeb_train
 from unimm.data.datamodule import ShardDataModule
 from unimm.data.shards import iter_raw_samples, read_index
-from unimm.eval.mmeb import MMEBEvaluator, summarize
+from unimm.eval.mmeb import MMEBEvaluator, heading, modality_pair, summarize
 from unimm.models.processors import word_level_processor
 
 WORDS = ["apple", "boat", "cat", "dog", "egg", "fish"]
@@ -34,9 +34,11 @@ def _parquet(path, rows):
 
 
 def write_fixture(root):
-    """Two MMEB datasets in the official layout. ImageNet-1K (classification, image query -> label texts):
-    3 queries, answers right, wrong, right (2/3). MSCOCO_t2i (retrieval, text -> image+text): 2 queries, both
-    right, one positive image missing from disk for a third row (skipped), one missing negative image (dropped)."""
+    """Three MMEB datasets in the official layout, one per modality pair of UniMoCo's table.
+    ImageNet-1K (classification, image+text query -> label texts, (T+I,T)): 3 queries, answers right, wrong,
+    right (2/3). MSCOCO_t2i (retrieval, text -> image+text, (T,T+I)): 2 queries, both right, one positive image
+    missing from disk for a third row (skipped), one missing negative image (dropped). CIRR (retrieval,
+    image+text -> image+text, (T+I,T+I)): 2 queries, right then wrong (1/2)."""
     images = root / "images"
     (images / "coco").mkdir(parents=True)
     for name in ("q1", "q2", "q3", "c1", "c2", "c3"):
@@ -60,6 +62,12 @@ def write_fixture(root):
         {"qry_text": "find an image egg", "qry_img_path": "", "tgt_text": ["<|image_1|> egg"],
          "tgt_img_path": ["coco/gone.jpg"]},
     ])
+    _parquet(root / "eval" / "CIRR" / "test-00000-of-00001.parquet", [
+        {"qry_text": "<|image_1|> change it to egg", "qry_img_path": "coco/q1.jpg",
+         "tgt_text": ["<|image_1|> egg", "<|image_1|> fish"], "tgt_img_path": ["coco/c1.jpg", "coco/c2.jpg"]},
+        {"qry_text": "<|image_1|> change it to fish", "qry_img_path": "coco/q2.jpg",  # positive is egg: wrong
+         "tgt_text": ["<|image_1|> egg", "<|image_1|> fish"], "tgt_img_path": ["coco/c3.jpg", "coco/c2.jpg"]},
+    ])
     return root / "eval", images
 
 
@@ -77,7 +85,7 @@ def test_converter_layout_and_counts(bench):
     assert report["MSCOCO_t2i"] == {"rows": 3, "kept": 2, "skipped": {"negative_dropped": 1,
                                                                       "positive_image_unusable": 1}}
     spec = load_benchmark(root / "bench")
-    assert [e.name for e in spec.evaluations] == ["ImageNet-1K", "MSCOCO_t2i"]
+    assert [e.name for e in spec.evaluations] == ["CIRR", "ImageNet-1K", "MSCOCO_t2i"]
     coco = spec.evaluation("MSCOCO_t2i")
     assert (coco.task, coco.query_modality, coco.cand_modality) == ("retrieval", "text", "image,text")
     # 3 distinct (text, image) candidates: (egg, c1), (fish, c2), (fish, c3); (egg, c1) is in both rows
@@ -104,12 +112,21 @@ def test_precision_at_1_by_hand(bench):
     metrics = _evaluate(0, 1, root)
     assert metrics["val/mmeb/ImageNet-1K/precision@1"] == pytest.approx(200 / 3)
     assert metrics["val/mmeb/MSCOCO_t2i/precision@1"] == pytest.approx(100.0)
+    assert metrics["val/mmeb/CIRR/precision@1"] == pytest.approx(50.0)
     assert metrics["val/mmeb/classification"] == pytest.approx(200 / 3)
-    assert metrics["val/mmeb/retrieval"] == pytest.approx(100.0)
-    assert metrics["val/mmeb/overall"] == pytest.approx((200 / 3 + 100) / 2)
+    assert metrics["val/mmeb/retrieval"] == pytest.approx((100 + 50) / 2)
+    # modality pairs read from the converted data: image+text -> text, text -> image+text, image+text -> both
+    assert metrics["val/mmeb/TI_T"] == pytest.approx(200 / 3)
+    assert metrics["val/mmeb/T_TI"] == pytest.approx(100.0)
+    assert metrics["val/mmeb/TI_TI"] == pytest.approx(50.0)
+    assert metrics["val/mmeb/overall"] == pytest.approx((200 / 3 + 100 + 50) / 3)
     assert "val/mmeb/vqa" not in metrics  # no VQA dataset converted: no average invented
     table = (root / "out1" / "mmeb_mmeb.md").read_text()
-    assert "Classification (1)" in table and "Overall (2)" in table and "Retrieval / MSCOCO_t2i" in table
+    head = table.split("**MMEB per dataset**")[0]
+    assert ("| Classification (1) | Retrieval (2) | (T+I,T) (1) | (T,T+I) (1) | (T+I,T+I) (1) | IND (3) | Overall (3) |"
+            in head), head
+    assert "| 75.0 | 66.7 | 100.0 | 50.0 |" in head
+    assert "Retrieval / MSCOCO_t2i (T,T+I)" in table and "Retrieval / CIRR (T+I,T+I)" in table
 
 
 def test_one_and_two_processes_agree(bench):
@@ -120,10 +137,29 @@ def test_one_and_two_processes_agree(bench):
 
 
 def test_summary_groups_by_hand():
-    summary = summarize({"ImageNet-1K": 50.0, "Place365": 30.0, "OK-VQA": 20.0, "RefCOCO": 90.0})
+    scores = {"ImageNet-1K": 50.0, "Place365": 30.0, "OK-VQA": 20.0, "RefCOCO": 90.0, "VisDial": 40.0,
+              "MSCOCO_t2i": 70.0, "CIRR": 10.0}
+    pairs = {"ImageNet-1K": "TI_T", "Place365": "TI_T", "OK-VQA": "TI_T", "RefCOCO": "TI_TI", "VisDial": "T_TI",
+             "MSCOCO_t2i": "T_TI", "CIRR": "TI_TI"}
+    summary = summarize(scores, pairs)
     assert summary["classification"] == (40.0, 2)
-    assert summary["IND"] == (35.0, 2) and summary["OOD"] == (60.0, 2)
-    assert summary["overall"] == (47.5, 4)
+    assert summary["retrieval"] == (40.0, 3)  # VisDial, MSCOCO_t2i, CIRR
+    assert summary["TI_T"] == (pytest.approx(100 / 3), 3)  # (50 + 30 + 20) / 3
+    assert summary["T_TI"] == (55.0, 2) and summary["TI_TI"] == (50.0, 2)
+    assert summary["IND"] == (38.0, 5) and summary["OOD"] == (60.0, 2)  # IND: 50 20 40 70 10
+    assert summary["overall"] == (pytest.approx(310 / 7), 7)
+    # the columns in the order of UniMoCo's table
+    assert list(summary) == ["classification", "vqa", "retrieval", "grounding", "TI_T", "T_TI", "TI_TI", "IND", "OOD",
+                             "overall"]
+
+
+def test_modality_pair_of_a_dataset():
+    assert modality_pair("image,text", "text") == "TI_T"
+    assert modality_pair("text", "image,text") == "T_TI"
+    assert modality_pair("image", "image,text") == "I_TI"  # an image without text is not T+I
+    assert [heading(g) for g in ("TI_T", "T_TI", "TI_TI", "I_T")] == ["(T+I,T)", "(T,T+I)", "(T+I,T+I)", "(I,T)"]
+    with pytest.raises(ValueError, match="neither text nor image"):
+        modality_pair("audio", "text")
 
 
 def test_train_converter(tmp_path):

@@ -1,18 +1,30 @@
-"""Qwen2-VL and LLaVA-NeXT adapters on tiny random models: input layout, and embeddings that do not depend on
-batch composition or padding side."""
+"""Qwen2-VL, LLaVA (1.5 layout) and LLaVA-NeXT adapters on tiny random models: input layout, embeddings that do
+not depend on batch composition or padding side, and LLaVA loading from a folder in the official (xtuner) layout."""
 
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
 from unimm.models.vlm.adapters import (
+    LlavaAdapter,
+    LlavaBackbone,
     llava_next_tiny_processor,
     qwen2vl_tiny_processor,
+    special_token_tokenizer,
     tiny_llava_next,
     tiny_qwen2vl,
 )
+from unimm.models.vlm.llava import llava_from_pretrained, llava_processor, llava_tiny_processor, tiny_llava
 from unimm.models.vlm.pooling import last_token_pool
 
 WORDS = "a red green blue digit seven small large"
@@ -32,6 +44,7 @@ def images():
 BUILDERS = {
     "qwen2vl": (lambda v: qwen2vl_tiny_processor(v, image_size=56), tiny_qwen2vl),
     "llava_next": (llava_next_tiny_processor, tiny_llava_next),
+    "llava": (llava_tiny_processor, tiny_llava),
 }
 
 
@@ -95,5 +108,65 @@ def test_llava_next_token_count_matches_model(vocab):
 def test_unknown_checkpoint_folder_is_named(tmp_path):
     from unimm.models.vlm.adapters import qwen2vl_from_pretrained
 
-    with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
-        qwen2vl_from_pretrained(str(Path(tmp_path) / "missing"))
+    for load in (qwen2vl_from_pretrained, llava_from_pretrained):
+        with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
+            load(str(Path(tmp_path) / "missing"))
+
+
+def test_llava_token_count_matches_model(vocab):
+    proc, model = llava_tiny_processor(vocab), tiny_llava(vocab)
+    red, green = images()
+    out = proc([f"<|user|> {proc.image_token} red <|end|> <|assistant|>", f"{proc.image_token} blue"], [[red], [green]])
+    # any image -> one 32 px view of 8 px patches: 4 x 4 = 16 tokens (CLS dropped: strategy "default"), no tiles
+    assert (out["input_ids"] == proc.image_token_id).sum(1).tolist() == [16, 16]
+    assert out["pixel_values"].shape == (2, 3, 32, 32) and "image_sizes" not in out
+    model(out)  # the model checks the count against its own features and raises on a mismatch
+    # the real geometry (CLIP ViT-L/14-336): 24 x 24 = 576 tokens per image
+    real = LlavaAdapter(special_token_tokenizer(vocab, ("<image>",)),
+                        CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}))
+    assert (real(["<image> red"], [[green]])["input_ids"] == real.image_token_id).sum() == 576
+
+
+def _legacy_key(key: str) -> str:
+    """transformers' current LLaVA key -> the layout of the llava-hf / xtuner exports (LM under language_model)."""
+    for new, old in (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
+                     ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "language_model.lm_head.")):
+        if key.startswith(new):
+            return old + key[len(new):]
+    raise KeyError(key)
+
+
+def _write_xtuner_layout(folder: Path, vocab: str, drop: str | None = None) -> LlavaForConditionalGeneration:
+    """A random tiny LLaVA as xtuner/llava-phi-3-mini-hf ships it: Phi-3 LM exported as Llama, legacy keys."""
+    tok = special_token_tokenizer(vocab, ("<image>",))
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=4, pad_token_id=0),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default")
+    torch.manual_seed(1)
+    model = LlavaForConditionalGeneration(config).eval()
+    state = {_legacy_key(k): v.contiguous() for k, v in model.state_dict().items() if k != drop}
+    folder.mkdir()
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(folder)
+    tok.save_pretrained(folder)  # the processor files beside the weights, as the official folder has them
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return model
+
+
+def test_llava_loads_the_official_layout(vocab, tmp_path):
+    reference = _write_xtuner_layout(tmp_path / "llava", vocab)
+    loaded = llava_from_pretrained(str(tmp_path / "llava")).eval()
+    proc = llava_processor(str(tmp_path / "llava"), patch_size=8)
+    red, green = images()
+    texts, imgs = [f"{proc.image_token} red digit", "blue seven"], [[red], []]
+    torch.testing.assert_close(embed(proc, loaded, texts, imgs), embed(proc, LlavaBackbone(reference.model), texts, imgs))
+
+
+def test_llava_missing_checkpoint_key_is_an_error(vocab, tmp_path):
+    _write_xtuner_layout(tmp_path / "llava", vocab, drop="model.multi_modal_projector.linear_2.weight")
+    with pytest.raises(ValueError, match="multi_modal_projector.linear_2.weight"):
+        llava_from_pretrained(str(tmp_path / "llava"))

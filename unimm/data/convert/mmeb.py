@@ -12,6 +12,8 @@ hash of the pair, as VLM2Vec encodes unique pairs), queries ``D`` (meta ``candid
 order, positive first) and qrels (the positive). A row whose query or positive cannot be read is skipped; a
 negative whose image is missing is dropped from its row (the row is kept: the score stays comparable only if
 there are few; the count is in ``convert_report.json``). ``--strict`` stops at the first problem instead.
+Each evaluation records the most common modality of its queries and of its pool (``query_modality``,
+``cand_modality``): the MMEB evaluator groups datasets by that (query, target) pair, as UniMoCo's table.
 """
 
 from __future__ import annotations

@@ -1,13 +1,16 @@
-"""Backbone adapters of the VLM embedders: each class states what differs between Qwen2-VL, LLaVA-NeXT, Phi-3.5-V.
+"""Backbone adapters of the VLM embedders: each class states what differs between Qwen2-VL, LLaVA (1.5 layout),
+LLaVA-NeXT and Phi-3.5-V.
 
 Two halves per backbone, because inputs are built in DataLoader workers, far from the model:
 
-- the **adapter** (``Qwen2VLAdapter``, ``LlavaNextAdapter``, :class:`~unimm.models.vlm.phi35v.Phi3VAdapter`) is the
-  processor: the backbone's image token string, its padding side, and how a list of prompts + images becomes the
-  backbone's input tensors (Qwen2-VL: flattened patches, ``image_grid_thw``, ``mm_token_type_ids``; LLaVA-NeXT:
-  anyres tiles, ``image_sizes``). Prompts carry one image token per image; the adapter expands it into as many
+- the **adapter** (``Qwen2VLAdapter``, ``LlavaAdapter``, ``LlavaNextAdapter``,
+  :class:`~unimm.models.vlm.phi35v.Phi3VAdapter`) is the processor: the backbone's image token string, its padding
+  side, and how a list of prompts + images becomes the backbone's input tensors (Qwen2-VL: flattened patches,
+  ``image_grid_thw``, ``mm_token_type_ids``; LLaVA: one fixed-size view; LLaVA-NeXT: anyres tiles,
+  ``image_sizes``). Prompts carry one image token per image; the adapter expands it into as many
   tokens as the image has features, *after* truncating the text to ``max_length`` (image tokens are never cut).
-- the **backbone** (``Qwen2VLBackbone``, ``LlavaNextBackbone``, :class:`~unimm.models.vlm.phi35v.Phi3VBackbone`)
+- the **backbone** (``Qwen2VLBackbone``, ``LlavaBackbone``, ``LlavaNextBackbone``,
+  :class:`~unimm.models.vlm.phi35v.Phi3VBackbone`)
   wraps the native transformers model without its LM head and returns the last layer's hidden states. It always
   passes explicit position ids computed from the attention mask, so left padding does not shift positions (the
   cause of VLM2Vec issue #124, embeddings changing with padding).
@@ -29,6 +32,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
+    LlavaProcessor,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
@@ -46,7 +50,7 @@ def special_token_tokenizer(vocab_file: str, special_tokens: Sequence[str]):
     return tok
 
 
-def _require_dir(path: str) -> None:
+def require_dir(path: str) -> None:
     if not Path(path).is_dir():
         raise FileNotFoundError(f"no checkpoint folder at {path} (download the model and point the config at it)")
 
@@ -167,30 +171,50 @@ class Qwen2VLAdapter(VLMAdapter):
         return {"mm_token_type_ids": [int(t == self.image_token_id) for t in ids]}
 
 
-class LlavaNextAdapter(VLMAdapter):
-    """LLaVA-NeXT: ``<image>``, left padding (VLM2Vec), anyres tiles (base view + grid crops, ``image_sizes``).
+class LlavaAdapter(VLMAdapter):
+    """LLaVA (1.5 layout, e.g. xtuner/llava-phi-3-mini-hf): ``<image>``, left padding, one fixed-size view per image.
+
+    The CLIP processor resizes and centre-crops every image to ``crop_size``; the token count is transformers' own
+    (``LlavaProcessor._get_num_multimodal_tokens``: patches + the tower's CLS token, minus that CLS under the
+    ``default`` feature strategy): 576 for 336 px and patch 14.
+
+    Attributes:
+        counter_class: the transformers processor whose token count this backbone's model expects (used for that
+            count only: the prompts are expanded here, after truncation).
+    """
+
+    image_token = "<image>"
+    default_padding_side = "left"  # VLM2Vec's choice for LLaVA-NeXT; embeddings do not depend on it
+    counter_class = LlavaProcessor
+
+    def __init__(self, tokenizer, image_processor, max_length: int = 256, padding_side: str | None = None,
+                 patch_size: int = 14, vision_feature_select_strategy: str = "default"):
+        super().__init__(tokenizer, image_processor, max_length, padding_side)
+        self._counter = self.counter_class(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                                           vision_feature_select_strategy=vision_feature_select_strategy,
+                                           image_token=self.image_token, num_additional_image_tokens=1)
+        self.strategy = vision_feature_select_strategy
+
+    def image_inputs(self, images):
+        out = self.image_processor(images=images, return_tensors="pt")
+        sizes = [(im.height, im.width) for im in images]
+        return {"pixel_values": out["pixel_values"]}, self._counter._get_num_multimodal_tokens(sizes).num_image_tokens
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT: as LLaVA, plus anyres tiles (base view + grid crops, ``image_sizes``).
 
     The token count per image is transformers' own (``LlavaNextProcessor._get_number_of_features``: unpadded
     grid features + one newline per row + the base view with the vision tower's CLS token), minus that CLS token
     under the ``default`` feature strategy.
     """
 
-    image_token = "<image>"
-    default_padding_side = "left"
-
-    def __init__(self, tokenizer, image_processor, max_length: int = 256, padding_side: str | None = None,
-                 patch_size: int = 14, vision_feature_select_strategy: str = "default"):
-        super().__init__(tokenizer, image_processor, max_length, padding_side)
-        self._counter = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-                                           vision_feature_select_strategy=vision_feature_select_strategy,
-                                           image_token=self.image_token, num_additional_image_tokens=1)
-        self.strategy = vision_feature_select_strategy
-        crop = image_processor.crop_size
-        self.tile = (crop["height"], crop["width"])
+    counter_class = LlavaNextProcessor
 
     def image_inputs(self, images):
         out = self.image_processor(images=images, return_tensors="pt")
-        counts = [self._counter._get_number_of_features(int(h), int(w), *self.tile) - (self.strategy == "default")
+        tile = (self.image_processor.crop_size["height"], self.image_processor.crop_size["width"])
+        counts = [self._counter._get_number_of_features(int(h), int(w), *tile) - (self.strategy == "default")
                   for h, w in out["image_sizes"]]
         return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}, counts
 
@@ -240,12 +264,21 @@ class Qwen2VLBackbone(VLMBackbone):
         return {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
 
 
-class LlavaNextBackbone(VLMBackbone):
+class LlavaBackbone(VLMBackbone):
+    """LLaVA (1.5 layout): CLIP tower -> MLP projector -> LM; the image features replace the ``<image>`` tokens."""
+
     def vision_tower(self) -> nn.Module:
         return self.model.vision_tower
 
     def projector(self) -> nn.Module:
         return self.model.multi_modal_projector
+
+    def image_kwargs(self, inputs):
+        return {"pixel_values": inputs["pixel_values"]}
+
+
+class LlavaNextBackbone(LlavaBackbone):
+    """LLaVA-NeXT: the tiles of each image are regrouped by its ``image_sizes``."""
 
     def image_kwargs(self, inputs):
         return {"pixel_values": inputs["pixel_values"], "image_sizes": inputs["image_sizes"]}
@@ -268,7 +301,7 @@ def qwen2vl_tiny_processor(vocab_file: str, image_size: int = 28, max_length: in
 def qwen2vl_processor(path: str, max_length: int = 256, padding_side: str | None = None,
                       min_pixels: int | None = None, max_pixels: int | None = None) -> Qwen2VLAdapter:
     """Tokenizer and image processor of a local Qwen2-VL folder; ``min/max_pixels`` bound the resize."""
-    _require_dir(path)
+    require_dir(path)
     size = {k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v is not None}
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True,
                                                                **({"size": size} if size else {}))
@@ -302,7 +335,7 @@ def tiny_qwen2vl(vocab_file: str, hidden_size: int = 64, layers: int = 2, heads:
 def qwen2vl_from_pretrained(path: str, dtype: str | None = None, attn_implementation: str | None = None
                             ) -> Qwen2VLBackbone:
     """Qwen2-VL (2B / 7B) from a local Hugging Face folder; the LM head is dropped (embeddings only)."""
-    _require_dir(path)
+    require_dir(path)
     kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -323,7 +356,7 @@ def llava_next_tiny_processor(vocab_file: str, image_size: int = 32, patch_size:
 
 def llava_next_processor(path: str, max_length: int = 256, padding_side: str | None = None,
                          patch_size: int = 14, vision_feature_select_strategy: str = "default") -> LlavaNextAdapter:
-    _require_dir(path)
+    require_dir(path)
     image_processor = LlavaNextImageProcessorPil.from_pretrained(path, local_files_only=True)
     return LlavaNextAdapter(AutoTokenizer.from_pretrained(path, local_files_only=True), image_processor, max_length,
                             padding_side, patch_size, vision_feature_select_strategy)
@@ -366,7 +399,7 @@ def llava_next_from_pretrained(path: str, dtype: str | None = None, attn_impleme
     ``vision_path``: an exported ``CLIPVisionModel`` / ``MLCDVisionModel`` folder replacing the vision tower
     (MLCD's LLaVA-NeXT recipe); its width must match the projector's input.
     """
-    _require_dir(path)
+    require_dir(path)
     kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
