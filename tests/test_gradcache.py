@@ -6,6 +6,8 @@ the loss ``CE(q c^T / tau, arange)`` written with torch ops (no unimm loss code)
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from unimm.losses import InfoNCE
-from unimm.training.gradcache import GradCache
+from unimm.training.gradcache import CoalescedSync, GradCache, GradSync, SyncOnLast, grad_sync
 
 TAU = 0.1
 B, D_IN, D = 8, 6, 5
@@ -124,11 +126,97 @@ def test_no_sync_entered_for_every_backward_but_the_last():
     model = make_tower(0.0)
     q, c = make_data()
     backward_calls = []
-    gc = GradCache([model, model], backward=lambda t: (backward_calls.append(1), t.backward()), no_sync=Recorder)
+    gc = GradCache([model, model], backward=lambda t: (backward_calls.append(1), t.backward()),
+                  sync=SyncOnLast(Recorder))
     gc.step([list(q.split(2)), list(c.split(4))], lambda a, b: (plain_loss(a, b), {}))
     # backwards: 1 loss + 4 query chunks + 2 candidate chunks = 7; all but the last one unsynchronised
     assert len(backward_calls) == 7
     assert len(entered) == 6
+
+
+def test_strategy_scaling_of_the_loss_is_applied_once():
+    """A backward that scales every loss by k (a GradScaler's scale, DeepSpeed's 1/gradient_accumulation_steps)
+    must give k x the plain gradients: the cached rep gradients are unscaled, so the replay scales them once
+    (backpropagating the scaled leaf gradients through a scaling backward again would give k^2)."""
+    ref_loss, ref = reference_grads(0.5, 2)
+    model = make_tower(0.5)
+    q, c = make_data()
+    torch.manual_seed(3)
+    gc = GradCache([model, model], backward=lambda t: (t * 4.0).backward())
+    loss, _ = gc.step([list(q.split(2)), list(c.split(2))], lambda a, b: (plain_loss(a, b), {}))
+    torch.testing.assert_close(loss, ref_loss)
+    assert_same(grads(model), {name: 4.0 * g for name, g in ref.items()})
+
+
+def test_loss_owned_parameters_get_their_gradient():
+    """A learnable temperature lives in the loss: stage 2's backward gives it the plain step's gradient."""
+    log_scale = {}
+
+    def run(gradcache: bool):
+        model = make_tower(0.0)
+        scale = nn.Parameter(torch.tensor([2.0], dtype=torch.float64))
+        q, c = make_data()
+
+        def loss_fn(a, b):
+            return F.cross_entropy(a @ b.T * scale.exp(), torch.arange(a.shape[0])), {}
+
+        if gradcache:
+            GradCache([model, model]).step([list(q.split(3)), list(c.split(3))], loss_fn)
+        else:
+            loss_fn(model(q), model(c))[0].backward()
+        log_scale[gradcache] = scale.grad.clone()
+        return grads(model)
+
+    assert_same(run(True), run(False))
+    torch.testing.assert_close(log_scale[True], log_scale[False], rtol=1e-10, atol=1e-12)
+    assert log_scale[True].abs().item() > 0
+
+
+def test_grad_sync_is_chosen_from_what_the_model_can_do():
+    entered = []
+
+    class Engine:  # what GradCache uses of a DeepSpeed engine
+        @contextlib.contextmanager
+        def coalesce_grad_reduction(self):
+            entered.append("coalesce")
+            yield
+
+    class OldEngine:  # a DeepSpeed engine from before coalesce_grad_reduction
+        def zero_optimization_partition_gradients(self):
+            return True
+
+    sync = grad_sync(Engine(), no_sync=contextlib.nullcontext)
+    assert isinstance(sync, CoalescedSync)
+    with sync.step():
+        pass
+    assert entered == ["coalesce"]
+    with pytest.raises(RuntimeError, match="coalesce_grad_reduction"):
+        grad_sync(OldEngine())
+    assert isinstance(grad_sync(nn.Linear(1, 1), no_sync=contextlib.nullcontext), SyncOnLast)
+    assert type(grad_sync(nn.Linear(1, 1))) is GradSync
+
+
+def test_every_backward_of_a_step_runs_inside_the_sync_step_context():
+    """CoalescedSync reduces when its step context exits: no backward may run outside it."""
+    state = {"inside": False, "outside_backwards": 0, "backwards": 0}
+
+    class Sync(GradSync):
+        @contextlib.contextmanager
+        def step(self):
+            state["inside"] = True
+            yield
+            state["inside"] = False
+
+    def backward(t):
+        state["backwards"] += 1
+        state["outside_backwards"] += not state["inside"]
+        t.backward()
+
+    model = make_tower(0.0)
+    q, c = make_data()
+    GradCache([model, model], backward=backward, sync=Sync()).step([list(q.split(4)), list(c.split(4))],
+                                                                     lambda a, b: (plain_loss(a, b), {}))
+    assert state == {"inside": False, "outside_backwards": 0, "backwards": 5}
 
 
 # -- 2 processes (gloo): DDP + InfoNCE gathered across ranks == 1 process on the whole batch ---------------------
@@ -140,7 +228,7 @@ def _ddp_gradcache(rank, world, p, chunk):
     q, c = q[rank * half:(rank + 1) * half], c[rank * half:(rank + 1) * half]
     torch.manual_seed(100 + rank)
     loss_fn = InfoNCE(temperature=TAU, gather=True)
-    gc = GradCache([ddp, ddp], no_sync=ddp.no_sync)
+    gc = GradCache([ddp, ddp], sync=grad_sync(ddp, ddp.no_sync))
     gc.step([list(q.split(chunk)), list(c.split(chunk))], lambda a, b: (loss_fn(a, b).loss, {}))
     return grads(model)
 

@@ -6,7 +6,7 @@
 - **E5-V** style: the same module with one-word summary prompt templates in the collator
   (``conf/experiment/e5v_*.yaml``); zero-shot (no training) or trained on text-only NLI triplets: the batch's
   ``neg.N`` sides are each query's own hard negatives in the InfoNCE denominator (E5-V puts every hard negative
-  of the global batch there; ours keeps the one loss of unimm, see experiments/vlm_embed/README.md).
+  of the global batch there; ours keeps the one loss of unimm, see experiments/unimoco/README.md).
 - **UniMoCo**: with a ``completion`` module (:mod:`unimm.models.vlm.unimoco`) every input without an image gets
   pseudo-visual tokens, at training and at inference. The official loss is not public; ours (a documented choice):
 
@@ -16,8 +16,9 @@
   The alignment pulls the embedding of a text with its pseudo-image towards the one with its real image, on both
   sides of the batch; the collator builds the image-dropped copies (``drop_image``/``drop_rows``).
 - **GradCache** (``gradcache: true``): manual optimisation; each side is encoded chunk by chunk
-  (:class:`~unimm.training.gradcache.GradCache`), DDP syncing on the last chunk only. Chunks come from the collator
-  (``chunk_size``), so GradCache and the plain step see the same chunking.
+  (:class:`~unimm.training.gradcache.GradCache`), gradients reduced once per step (DDP: on the last chunk;
+  DeepSpeed ZeRO: one coalesced reduction, see :func:`~unimm.training.gradcache.grad_sync`). Chunks come from
+  the collator (``chunk_size``), so GradCache and the plain step see the same chunking.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from unimm.losses import InfoNCE
 from unimm.methods.base import EmbeddingModule
 from unimm.models.vlm.lora import LoraSpec, apply_lora
 from unimm.models.vlm.pooling import last_token_pool
-from unimm.training.gradcache import GradCache
+from unimm.training.gradcache import GradCache, grad_sync
 from unimm.utils.batches import to_device
 
 
@@ -138,11 +139,13 @@ class VLMEmbedModule(EmbeddingModule):
         if not self.gradcache:
             return super().training_step(batch, batch_idx)
         optimizer = self.optimizers()
-        # Lightning's DDP strategies suspend gradient sync with block_backward_sync; single-device has none
-        no_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
+        # from what the strategy's model can do: a DeepSpeed engine coalesces its reduction; Lightning's DDP
+        # strategies suspend sync with block_backward_sync; single-device has neither
+        strategy = self.trainer.strategy
+        sync = grad_sync(strategy.model, getattr(strategy, "block_backward_sync", None))
         groups = self._groups(batch)
         present = [name for name, chunks in groups.items() if chunks]  # an image-dropped group may be empty
-        cache = GradCache([self.embed_chunk] * len(present), backward=self.manual_backward, no_sync=no_sync)
+        cache = GradCache([self.embed_chunk] * len(present), backward=self.manual_backward, sync=sync)
         cached = cache.cache([groups[name] for name in present])
         leaves = cached.leaves()
         reps = {name: self._empty() for name in groups}
@@ -156,8 +159,7 @@ class VLMEmbedModule(EmbeddingModule):
             self.skipped_steps += 1
             self.log("train/skipped_steps", float(self.skipped_steps), batch_size=size)
             return None
-        grads = cache.rep_grads(loss, leaves)
-        cache.replay([groups[name] for name in present], cached, grads)
+        cache.backward_step([groups[name] for name in present], cached, loss, leaves)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler = self.lr_schedulers()
