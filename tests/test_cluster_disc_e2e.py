@@ -79,12 +79,16 @@ def test_unicom_training_beats_the_untrained_encoder(labels_dir, toy_data_dir, t
     assert trained > 10 + 20  # 10 digits: chance is 10%
 
 
-def test_mlcd_trains_through_the_cli(labels_dir, toy_data_dir, tmp_path):
-    # MLCD's loss falls on the top-2 labels, but the tiny MLCDVisionModel does not beat its untrained self on the
-    # digit probe (measured: 30.8 vs 29.7 with the C sweep); trained on the true digits instead of the clusters it
-    # does not either, so the tiny student, not the loss or the labels, is what is missing: see
-    # experiments/mlcd/README.md ("Tiny results").
-    run_dir, losses = _train("mlcd_tiny", labels_dir, toy_data_dir, tmp_path, "trainer.max_epochs=2")
-    assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3]), losses
+def test_mlcd_training_beats_the_untrained_encoder(labels_dir, toy_data_dir, tmp_path):
+    # The tiny MLCDVisionModel starts from initializer_factor 4 (conf/experiment/mlcd_tiny.yaml says why: at
+    # transformers' default init its class token is a position-blind mean of the patches for the whole run).
+    # Measured: untrained 22.5, trained 31.5 (29.7 with 2 loader workers); C is swept as MLCD's probe does.
+    # no loader workers: on 2 busy cores they slow the run down (52 s instead of 62 s per run, measured)
+    run_dir, losses = _train("mlcd_tiny", labels_dir, toy_data_dir, tmp_path, "data.num_workers=0")
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert METRIC in metrics and metrics["val/toy_digits/linear_probe/c"] in (0.601, 10.0, 100.0, 1000.0, 10000.0)
+    trained = metrics[METRIC]
+    baseline = _untrained_probe("mlcd_tiny", toy_data_dir, labels_dir / "labels", tmp_path / "untrained")[METRIC]
+    assert trained > baseline + 4, (trained, baseline)
+    assert trained > 10 + 15  # 10 digits: chance is 10%
+    assert metrics["val/toy_digits/linear_probe/c"] in (10.0, 100.0, 1000.0)

@@ -106,3 +106,36 @@ def test_collator_takes_the_first_side_with_an_image(tmp_path):
     assert batch["labels"].tolist() == [[4], [2], [-1]]  # r3 has no label
     with pytest.raises(ValueError, match="no image"):
         ClusterLabelCollator(_Processor(), sides=("pos",))([records[1]])
+
+
+def test_training_batches_pair_each_image_with_its_records_labels(toy_data_dir, tmp_path):
+    """Through the real data module (shuffled, 2 loader workers): labels written from the toy's true digits come back
+    beside the same record's digit, and the training pixels equal those the linear probe embeds for that key."""
+    from functools import partial
+
+    from unimm.data.datamodule import ShardDataModule
+    from unimm.models.image_processor import clip_image_processor
+
+    train = str(toy_data_dir / "toy" / "train")
+
+    def datamodule(labels_dir, workers):
+        dm = ShardDataModule(train_sets={"toy": {"path": train}}, train_sides=["pos", "query"], batch_size=64,
+                             collator=partial(ClusterLabelCollator, labels_dir=labels_dir), num_workers=workers,
+                             shuffle_buffer=1000)
+        dm.attach_processor(clip_image_processor(32))
+        return dm
+
+    probe_pixels, digits = {}, {}
+    for batch in datamodule(None, 0).eval_loader(train, sides=("pos", "query")):
+        for key, meta, pix in zip(batch["keys"], batch["meta"], batch["image"]["pixel_values"]):
+            probe_pixels[key], digits[key] = pix, meta["digit"]
+    keys = sorted(digits)
+    write_labels(tmp_path, keys, np.array([[digits[k], 10 + digits[k]] for k in keys]), {"num_classes": 20, "top_l": 2})
+    seen = 0
+    for batch in datamodule(str(tmp_path), 2).train_dataloader():
+        assert batch["labels"].tolist() == [[m["digit"], 10 + m["digit"]] for m in batch["meta"]]
+        assert batch["labels"][:, 0].tolist() == [digits[k] for k in batch["keys"]]
+        expected = torch.stack([probe_pixels[k] for k in batch["keys"]])
+        torch.testing.assert_close(batch["image"]["pixel_values"], expected, atol=0, rtol=0)
+        seen += len(batch["keys"])
+    assert seen >= 2900  # full batches of the 3000 records

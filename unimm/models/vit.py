@@ -110,11 +110,15 @@ class PooledVisionEncoder(nn.Module):
 
 
 def mlcd_vision(image_size: int = 32, patch_size: int = 4, width: int = 64, layers: int = 2, heads: int = 4,
-                     seed: int = 0) -> PooledVisionEncoder:
-    """A random ``MLCDVisionModel`` (RoPE2D, learned class position) of any size; the defaults are tiny (CPU tests)."""
+                initializer_factor: float = 1.0, seed: int = 0) -> PooledVisionEncoder:
+    """A random ``MLCDVisionModel`` (RoPE2D, learned class position) of any size; the defaults are tiny (CPU tests).
+
+    ``initializer_factor`` is ``MLCDVisionConfig``'s multiplier of every initial weight std (1.0: transformers'
+    CLIP-style init, whose query / key std ``width^-0.5 * (2 * layers)^-0.5`` starts attention near uniform).
+    """
     config = MLCDVisionConfig(
         image_size=image_size, patch_size=patch_size, hidden_size=width, intermediate_size=4 * width,
-        num_hidden_layers=layers, num_attention_heads=heads,
+        num_hidden_layers=layers, num_attention_heads=heads, initializer_factor=float(initializer_factor),
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
