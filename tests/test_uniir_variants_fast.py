@@ -1,6 +1,19 @@
-"""The four UniIR variants train on the toy data in-process (Lightning Trainer, 16 px images, few steps): the loss
-falls for each, and CLIP_SF's retrieval beats the same untrained model by a margin. The retrieval margin of the
-other three needs ~200 steps (tests/test_uniir_variants_e2e.py, slow)."""
+"""The four UniIR variants learn on the toy data, in-process (Lightning Trainer, 16 px images, 100-200 steps): for
+each, the training loss falls and retrieval beats the same untrained model, scored by the same evaluator, by a margin.
+
+Tiny-scale choices (random init and a few CPU steps instead of a 20-epoch fine-tune of pretrained weights; the paper
+recipes, conf/experiment/uniir_*_large.yaml, are not touched), each measured on this data:
+
+- learning rates 1e-3 to 5e-3, 5 warmup steps: training from scratch, not fine-tuning at 1e-5;
+- CLIP_FF: T5 dropout 0 (UniIR keeps T5's 0.1): in 150 steps at lr 3e-3 its i2t hit@10 gains 8.5 points with
+  dropout and 26.5 without (66 at lr 5e-3 with the T5 layers at 1e-3, the setting below);
+- BLIP: weights drawn with std 0.15 (uniir_blip_*_tiny.yaml, ``model.encoder.initializer_range``): at BLIP's 0.02
+  every caption gets the same [CLS] feature (cosine 0.99998) and no BLIP variant learned content in 250 steps;
+- BLIP_SF keeps the tiny config's width 64 / 2 layers: at width 32 / 1 layer (std 0.15, 200 steps) its two towers,
+  each trained against the other's momentum copy, stayed at the task-only solution;
+- BLIP_FF: momentum 0.9 and a 64-slot queue (UniIR: 0.995 and 57,960): the EMA horizon of 0.995 (~200 steps) is
+  the whole run, so its targets stay the random initial encoder (width 64 at 0.995: the loss rose in 150 steps).
+"""
 
 from __future__ import annotations
 
@@ -13,17 +26,21 @@ from hydra.utils import instantiate
 from tests.conftest import REPO
 
 SMALL = ["model.encoder.image_size=16", "processor.image_size=16", "data.batch_size=32", "data.num_workers=0",
-         "model.scheduler.warmup_steps=5", "eval.evaluations=[toy_t2i]", "eval.grid_queries=0"]
+         "model.scheduler.warmup_steps=5", "eval.grid_queries=0"]
 NARROW = ["model.encoder.width=32", "model.encoder.heads=2", "model.encoder.layers=1", "model.encoder.projection_dim=32"]
-# experiment -> (steps, overrides, required loss drop: the momentum loss's targets move with its queue, so it falls
-# more slowly than InfoNCE)
+# experiment -> (steps, overrides, evaluation scored, required gain in hit@10 points over the untrained model).
+# Measured here (seed 0, untrained -> trained hit@10): CLIP_SF t2i 7.5 -> 45.5, CLIP_FF i2t 13.5 -> 79.5, BLIP_SF t2i
+# 4.5 -> 45, BLIP_FF i2t 13.5 -> 58. From random init the escape from the task-only solution is seed-dependent:
+# with the encoder seed 1 the gains are +10, +2 (+15 at 200 steps), +28.5 and +27.
 VARIANTS = {
-    "uniir_clip_sf_tiny": (100, [*NARROW, "model.optimizer.lr=5e-3"], 0.5),
-    "uniir_clip_ff_tiny": (60, [*NARROW, "model.optimizer.lr=3e-3", "model.fusion_lr=3e-3"], 0.5),
-    "uniir_blip_sf_tiny": (60, NARROW, 0.15),
-    "uniir_blip_ff_tiny": (60, [], 0.15),  # the tiny config's width 64: the narrow BLIP_FF barely moves in 60 steps
+    "uniir_clip_sf_tiny": (100, [*NARROW, "model.optimizer.lr=5e-3"], "toy_t2i", 15),
+    "uniir_clip_ff_tiny": (150, [*NARROW, "model.optimizer.lr=5e-3", "model.fusion_lr=1e-3", "model.fusion.dropout=0.0"],
+                           "toy_i2t", 25),
+    "uniir_blip_sf_tiny": (150, ["model.optimizer.lr=3e-3"], "toy_t2i", 15),
+    "uniir_blip_ff_tiny": (200, [*NARROW, "model.optimizer.lr=3e-3", "model.loss.momentum=0.9", "model.loss.queue_size=64"],
+                           "toy_i2t", 15),
 }
-METRIC = "val/toy/toy_t2i/hit@10"
+LOSS_DROP = 0.5  # mean of the last 10 step losses below the mean of the first 10 by at least this much
 
 
 class LossLog(L.Callback):
@@ -36,24 +53,24 @@ class LossLog(L.Callback):
 
 @pytest.mark.parametrize("experiment", list(VARIANTS))
 def test_variant_learns_fast(experiment, toy_data_dir, tmp_path):
-    steps, overrides, drop = VARIANTS[experiment]
+    steps, overrides, evaluation, gain = VARIANTS[experiment]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"+experiment={experiment}", f"paths.data_dir={toy_data_dir}",
                                           f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}",
-                                          *SMALL, *overrides])
+                                          f"eval.evaluations=[{evaluation}]", *SMALL, *overrides])
     torch.manual_seed(0)
     datamodule = instantiate(cfg.data)
     datamodule.attach_processor(instantiate(cfg.processor))
     evaluator = instantiate(cfg.eval)
     module = instantiate(cfg.model)
-    untrained = evaluator.run(module, datamodule, tmp_path / "untrained", tag="untrained")
+    metric = f"val/toy/{evaluation}/hit@10"
+    untrained = evaluator.run(module, datamodule, tmp_path / "untrained", tag="untrained")[metric]
     log = LossLog()
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[log],
                         limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=datamodule)
     first, last = sum(log.losses[:10]) / 10, sum(log.losses[-10:]) / 10
-    assert last < first - drop, (experiment, first, last)
-    if experiment == "uniir_clip_sf_tiny":
-        trained = evaluator.run(module, datamodule, tmp_path / "trained", tag="trained")
-        assert trained[METRIC] > untrained[METRIC] + 15, (trained[METRIC], untrained[METRIC])
+    assert last < first - LOSS_DROP, (experiment, first, last)
+    trained = evaluator.run(module, datamodule, tmp_path / "trained", tag="trained")[metric]
+    assert trained > untrained + gain, (experiment, evaluation, untrained, trained)
