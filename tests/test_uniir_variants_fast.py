@@ -1,18 +1,24 @@
-"""The four UniIR variants learn on the toy data, in-process (Lightning Trainer, 16 px images, 100-200 steps): for
+"""The four UniIR variants learn on the toy data, in-process (Lightning Trainer, 16 or 32 px images, 150-250 steps): for
 each, the training loss falls and retrieval beats the same untrained model, scored by the same evaluator, by a margin.
 
 Tiny-scale choices (random init and a few CPU steps instead of a 20-epoch fine-tune of pretrained weights; the paper
 recipes, conf/experiment/uniir_*_large.yaml, are not touched), each measured on this data:
 
-- learning rates 1e-3 to 5e-3, 5 warmup steps: training from scratch, not fine-tuning at 1e-5;
-- CLIP_FF: T5 dropout 0 (UniIR keeps T5's 0.1): in 150 steps at lr 3e-3 its i2t hit@10 gains 8.5 points with
-  dropout and 26.5 without (66 at lr 5e-3 with the T5 layers at 1e-3, the setting below);
+- learning rates 2e-3 to 3e-3, 5 warmup steps: training from scratch, not fine-tuning at 1e-5;
+- CLIP_FF: T5 dropout 0 (UniIR keeps T5's 0.1) and 32 px images (65 vision tokens against the 32 text tokens that
+  enter the mean; at 16 px, 17 against 32, the text padding dominates the pooled vector): over 8 torch / encoder
+  seed pairs its gain was +29.5 to +95 at 32 px and +15 to +56 at 16 px; at lr 5e-3 three seeds in four stayed at the
+  task-only solution;
 - BLIP: weights drawn with std 0.15 (uniir_blip_*_tiny.yaml, ``model.encoder.initializer_range``): at BLIP's 0.02
   every caption gets the same [CLS] feature (cosine 0.99998) and no BLIP variant learned content in 250 steps;
 - BLIP_SF keeps the tiny config's width 64 / 2 layers: at width 32 / 1 layer (std 0.15, 200 steps) its two towers,
   each trained against the other's momentum copy, stayed at the task-only solution;
 - BLIP_FF: momentum 0.9 and a 64-slot queue (UniIR: 0.995 and 57,960): the EMA horizon of 0.995 (~200 steps) is
   the whole run, so its targets stay the random initial encoder (width 64 at 0.995: the loss rose in 150 steps).
+
+From random init the escape from the task-only solution (queries matched to their task, not their content)
+depends on the seed; the settings below were chosen so that every variant clears its margin over all the seeds
+tried (the ranges are listed at VARIANTS), not at one lucky seed.
 """
 
 from __future__ import annotations
@@ -25,20 +31,22 @@ from hydra.utils import instantiate
 
 from tests.conftest import REPO
 
-SMALL = ["model.encoder.image_size=16", "processor.image_size=16", "data.batch_size=32", "data.num_workers=0",
-         "model.scheduler.warmup_steps=5", "eval.grid_queries=0"]
+SMALL = ["data.batch_size=32", "data.num_workers=0", "model.scheduler.warmup_steps=5", "eval.grid_queries=0"]
+PX16 = ["model.encoder.image_size=16", "processor.image_size=16"]
+PX32 = ["model.encoder.image_size=32", "processor.image_size=32"]
 NARROW = ["model.encoder.width=32", "model.encoder.heads=2", "model.encoder.layers=1", "model.encoder.projection_dim=32"]
 # experiment -> (steps, overrides, evaluation scored, required gain in hit@10 points over the untrained model).
-# Measured here (seed 0, untrained -> trained hit@10): CLIP_SF t2i 7.5 -> 45.5, CLIP_FF i2t 13.5 -> 79.5, BLIP_SF t2i
-# 4.5 -> 45, BLIP_FF i2t 13.5 -> 58. From random init the escape from the task-only solution is seed-dependent:
-# with the encoder seed 1 the gains are +10, +2 (+15 at 200 steps), +28.5 and +27.
+# Gains measured here (untrained -> trained hit@10) over torch seeds 0-3 (CLIP_FF 0-5) with encoder seed 0 and
+# encoder seeds 1-3 (CLIP_FF 1-2) with torch seed 0; CLIP_SF draws every weight from its encoder seed:
+#   CLIP_SF t2i: +53.5 to +62 (seed 0: 7.5 -> 65.5)      CLIP_FF i2t: +29.5 to +95 (seed 0: 7.5 -> 55)
+#   BLIP_SF t2i: +25.5 to +41 (seed 0: 4.5 -> 45)        BLIP_FF i2t: +20.5 to +64.5 (seed 0: 13.5 -> 56.5)
 VARIANTS = {
-    "uniir_clip_sf_tiny": (100, [*NARROW, "model.optimizer.lr=5e-3"], "toy_t2i", 15),
-    "uniir_clip_ff_tiny": (150, [*NARROW, "model.optimizer.lr=5e-3", "model.fusion_lr=1e-3", "model.fusion.dropout=0.0"],
-                           "toy_i2t", 25),
-    "uniir_blip_sf_tiny": (150, ["model.optimizer.lr=3e-3"], "toy_t2i", 15),
-    "uniir_blip_ff_tiny": (200, [*NARROW, "model.optimizer.lr=3e-3", "model.loss.momentum=0.9", "model.loss.queue_size=64"],
-                           "toy_i2t", 15),
+    "uniir_clip_sf_tiny": (200, [*PX16, *NARROW, "model.optimizer.lr=2e-3"], "toy_t2i", 30),
+    "uniir_clip_ff_tiny": (250, [*PX32, *NARROW, "model.optimizer.lr=2e-3", "model.fusion_lr=2e-3",
+                                 "model.fusion.dropout=0.0"], "toy_i2t", 20),
+    "uniir_blip_sf_tiny": (150, [*PX16, "model.optimizer.lr=3e-3"], "toy_t2i", 15),
+    "uniir_blip_ff_tiny": (200, [*PX16, *NARROW, "model.optimizer.lr=3e-3", "model.loss.momentum=0.9",
+                                 "model.loss.queue_size=64"], "toy_i2t", 15),
 }
 LOSS_DROP = 0.5  # mean of the last 10 step losses below the mean of the first 10 by at least this much
 
