@@ -250,3 +250,23 @@ def test_whole_word_masking_groups_wordpieces_and_masks_15_percent():
             assert set(words[pos]) <= set(chosen) and labels[0, pos] == ids[0, pos]
         assert not {0, 10, 11, 12} & set(chosen)  # never specials or padding
         assert torch.equal(masked[0, labels[0] == -100], ids[0, labels[0] == -100])
+
+
+def test_attention_equals_explicit_softmax_with_bias_and_padding():
+    """The fused SDPA path equals softmax(q k^T * scale + bias, padded keys at -inf) v written out by hand."""
+    attn = tiny().transformer.blocks[0].attn
+    torch.manual_seed(5)
+    b, n, d, h = 3, 7, 32, attn.num_heads
+    x, bias = torch.randn(b, n, d), torch.randn(h, n, n)
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[1, 5:] = False
+    mask[2, 2:] = False
+    w = attn.qkv.weight
+    split = lambda t: t.reshape(b, n, h, -1).transpose(1, 2)  # noqa: E731
+    q = split(x @ w[:d].T + attn.q_bias)
+    k = split(x @ w[d : 2 * d].T)
+    v = split(x @ w[2 * d :].T + attn.v_bias)
+    logits = (q @ k.transpose(-2, -1)) * (d // h) ** -0.5 + bias
+    logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+    expected = attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d))
+    torch.testing.assert_close(attn(x, mask=mask, bias=bias), expected, atol=1e-6, rtol=1e-5)

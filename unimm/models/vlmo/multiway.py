@@ -68,18 +68,26 @@ class MultiwayAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` ``[B, N, D]``; ``mask`` ``[B, N]`` (True = real key); ``bias`` ``[H, N, N]`` added to the logits."""
+        """``x`` ``[B, N, D]``; ``mask`` ``[B, N]`` (True = real key); ``bias`` ``[H, N, N]`` added to the logits.
+
+        One fused ``scaled_dot_product_attention`` call with an additive fp32 mask (relative-position bias plus
+        ``-inf`` on padded keys). q is scaled before the fp32 cast as in the official model, so SDPA's own scale is
+        1. In fp32 this equals the official ``softmax(q k^T + bias) v``; under bf16 the value product runs in fp32
+        (the official multiplies bf16 probabilities by bf16 values), a difference below bf16 resolution.
+        """
         b, n, d = x.shape
         qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, qkv_bias).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]  # each [B, H, N, Dh]
-        logits = q.float() @ k.float().transpose(-2, -1)  # [B, H, N, N]; fp32 as the official model
+        additive = None  # [B | 1, H | 1, N, N]
         if bias is not None:
-            logits = logits + bias.unsqueeze(0)
+            additive = bias.float().unsqueeze(0)
         if mask is not None:
-            logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
-        attn = logits.softmax(dim=-1).type_as(x)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+            padding = torch.zeros(mask.shape, dtype=torch.float32, device=x.device).masked_fill(~mask, float("-inf"))
+            padding = padding[:, None, None, :]
+            additive = padding if additive is None else additive + padding
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=additive, scale=1.0)
+        return self.proj(out.type_as(x).transpose(1, 2).reshape(b, n, d))
 
 
 class MultiwayBlock(nn.Module):
