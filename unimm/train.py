@@ -11,6 +11,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, MissingMandatoryValue
 
+from unimm.eval.results_record import last_checkpoint, record_results
 from unimm.runtime import (
     CONF_DIR,
     build_trainer,
@@ -44,9 +45,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if cfg.get("eval") and not trainer.fast_dev_run:
         evaluator = instantiate(cfg.eval)
+        eval_started = time.perf_counter()
         metrics = evaluator.run(
             model, datamodule, run_dir, logger=first_logger_with(loggers, "log_image"), tag=f"step{trainer.global_step}"
         )
+        record_results(metrics, evaluator, run_dir, cfg=cfg, module=model, ckpt_path=last_checkpoint(trainer),
+                       step=trainer.global_step, wall_time_s=time.perf_counter() - eval_started)
     close_loggers(loggers)
     if trainer.is_global_zero:
         summary = [

@@ -7,6 +7,7 @@ command line is needed; data, evaluation and runtime settings come from this com
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -16,6 +17,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, MissingMandatoryValue
 
 from unimm.checkpoints import load_run
+from unimm.eval.results_record import record_results
+from unimm.eval.suite import run_suite
 from unimm.runtime import (
     CONF_DIR,
     close_loggers,
@@ -37,9 +40,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
     module = run.module.to(device)
     loggers = instantiate_dict(cfg.get("logger"))
-    evaluator = instantiate(cfg.eval)
     out_dir = Path(cfg.paths.output_dir)
-    metrics = evaluator.run(module, datamodule, out_dir, logger=first_logger_with(loggers, "log_image"), tag=f"step{run.step}")
+    if cfg.get("suite"):  # every benchmark of conf/suite/<name>.yaml that fits the model (unimm.eval.suite)
+        metrics = run_suite(cfg, run, module, datamodule, out_dir, logger=first_logger_with(loggers, "log_image"))
+    else:
+        evaluator = instantiate(cfg.eval)
+        started = time.perf_counter()
+        metrics = evaluator.run(module, datamodule, out_dir, logger=first_logger_with(loggers, "log_image"), tag=f"step{run.step}")
+        record_results(metrics, evaluator, out_dir, cfg=cfg, train_cfg=run.config, module=module, ckpt_path=cfg.ckpt_path,
+                       step=run.step, wall_time_s=time.perf_counter() - started)
     close_loggers(loggers)
     print(f"\nevaluated {cfg.ckpt_path} (step {run.step}); results in {out_dir}")
     return metrics

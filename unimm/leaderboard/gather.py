@@ -1,0 +1,181 @@
+"""Gather every ``results.json`` under some output roots with DuckDB, reading the files in place.
+
+No server and no database file: each build lists the record files and runs one query over them. A *run* (a row of
+the leaderboard) is one set of weights: the checkpoint's sha256, else its weights fingerprint, else its run folder;
+an evaluation of the same weights on the same benchmark and pool repeated later replaces the earlier one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unimm.eval.results_record import RESULTS_FILE
+
+REPORTED_FILE = Path(__file__).with_name("reported.yaml")
+
+# The fields the leaderboard reads (anything else in a record is ignored); a missing field reads as NULL.
+COLUMNS = {
+    "schema": "VARCHAR", "record_id": "VARCHAR", "model_family": "VARCHAR", "experiment": "VARCHAR",
+    "checkpoint": "VARCHAR", "checkpoint_sha256": "VARCHAR", "weights_fingerprint": "VARCHAR",
+    "released_from": "VARCHAR", "step": "BIGINT", "benchmark": "VARCHAR", "split": "VARCHAR", "pool": "VARCHAR",
+    "suite": "VARCHAR", "headline_metric": "VARCHAR", "headline_value": "DOUBLE",
+    "results": "STRUCT(evaluation VARCHAR, task VARCHAR, dataset VARCHAR, metric VARCHAR, value DOUBLE, "
+               "n_queries BIGINT, reported BOOLEAN)[]",
+    "unimm_version": "VARCHAR", "git_commit": "VARCHAR", "date": "VARCHAR", "config_hash": "VARCHAR",
+    "wall_time_s": "DOUBLE", "hardware": "VARCHAR", "run_dir": "VARCHAR", "per_query": "VARCHAR",
+}
+
+
+@dataclass(frozen=True)
+class Column:
+    """One leaderboard column: a benchmark, its pool and the metric shown (a headline or ``evaluation/metric``)."""
+
+    benchmark: str
+    pool: str
+    metric: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.benchmark}|{self.pool}|{self.metric}"
+
+    @property
+    def label(self) -> str:
+        pool = "" if self.pool == "local" else f" ({self.pool})"
+        return f"{self.benchmark}{pool}: {self.metric}"
+
+
+@dataclass
+class Row:
+    """A leaderboard row: a measured run or a reported reference. ``cells``: column key -> value."""
+
+    name: str
+    family: str
+    kind: str  # "measured" | "reported"
+    cells: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Board:
+    columns: list[Column]
+    rows: list[Row]
+    families: dict[str, str]
+    n_files: int
+
+    def best(self) -> dict[str, float]:
+        """Best measured value of each column (higher is better for every metric unimm reports)."""
+        best: dict[str, float] = {}
+        for row in self.rows:
+            if row.kind != "measured":
+                continue
+            for key, value in row.cells.items():
+                if value is not None and (key not in best or value > best[key]):
+                    best[key] = value
+        return best
+
+
+def find_records(roots: list[str | os.PathLike]) -> list[str]:
+    """Every ``results.json`` under ``roots`` (a root may also be one results file). Raises naming the roots
+    when a root does not exist."""
+    files: list[str] = []
+    for root in roots:
+        root = Path(root)
+        if root.is_file():
+            files.append(str(root.resolve()))
+        elif root.is_dir():
+            files += sorted(str(p.resolve()) for p in root.rglob(RESULTS_FILE))
+        else:
+            raise FileNotFoundError(f"leaderboard root {root} does not exist")
+    return sorted(set(files))
+
+
+def load_reported(path: str | os.PathLike = REPORTED_FILE) -> dict[str, Any]:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    for i, entry in enumerate(data.get("reported", [])):
+        missing = [k for k in ("model", "family", "benchmark", "pool", "metric", "value", "source") if k not in entry]
+        if missing:
+            raise ValueError(f"{path}: reported entry {i} ({entry.get('model', '?')}) lacks {missing}")
+    return data
+
+
+def query_records(files: list[str]):
+    """The latest record per (weights, benchmark, pool), as dicts (``results`` a list of dicts)."""
+    import duckdb
+
+    con = duckdb.connect()
+    columns = ", ".join(f"'{k}': '{v}'" for k, v in COLUMNS.items())
+    # a table function cannot take a prepared parameter everywhere: pass the file list as a literal
+    listed = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
+    con.execute(f"""
+        CREATE VIEW records AS
+        SELECT *, coalesce(checkpoint_sha256, weights_fingerprint, run_dir, filename) AS model_key
+        FROM read_json({listed}, columns = {{{columns}}}, filename = true, format = 'auto')
+    """)
+    cur = con.execute("""
+        SELECT * FROM records
+        QUALIFY row_number() OVER (PARTITION BY model_key, benchmark, pool ORDER BY date DESC, filename) = 1
+        ORDER BY model_family, experiment, model_key, benchmark, pool
+    """)
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, values)) for values in cur.fetchall()]
+
+
+def build_board(roots: list[str | os.PathLike], reported: bool = True,
+                reported_path: str | os.PathLike = REPORTED_FILE) -> Board:
+    """Read every record under ``roots`` and lay out the leaderboard (measured rows, then reported rows)."""
+    files = find_records(roots)
+    meta = load_reported(reported_path)
+    aliases = meta.get("aliases", {}) or {}
+    rows: dict[str, Row] = {}
+    columns: dict[str, Column] = {}
+    if files:
+        for rec in query_records(files):
+            bench = aliases.get(rec["benchmark"], rec["benchmark"])
+            pool = rec["pool"] or "local"
+            key = rec["model_key"]
+            row = rows.get(key)
+            if row is None:
+                short = str(key)[:8] if rec["checkpoint_sha256"] or rec["weights_fingerprint"] else Path(str(key)).name
+                name = f"{rec['experiment'] or 'model'} (step {rec['step']}, {short})"
+                row = rows[key] = Row(name, rec["model_family"] or "?", "measured", info={
+                    "checkpoint": rec["checkpoint"], "released_from": rec["released_from"], "run_dirs": [],
+                    "git_commit": rec["git_commit"], "date": rec["date"], "hardware": rec["hardware"],
+                    "browser": [], "model_key": key})
+            row.info["run_dirs"].append(rec["run_dir"])
+            page = Path(str(rec["run_dir"])) / "browser" / "index.html"  # written by `unimm.leaderboard browse`
+            if page.is_file():
+                row.info["browser"].append(str(page))
+            if rec["headline_metric"] is not None and rec["headline_value"] is not None:
+                col = Column(bench, pool, rec["headline_metric"])
+                columns.setdefault(col.key, col)
+                row.cells[col.key] = float(rec["headline_value"])
+            row.info.setdefault("results", {})[(bench, pool)] = list(rec["results"]) if rec["results"] is not None else []
+    reported_rows = []
+    if reported:
+        for entry in meta.get("reported", []):
+            col = Column(str(entry["benchmark"]), str(entry["pool"]), str(entry["metric"]))
+            columns.setdefault(col.key, col)
+            name = f"{entry['model']} (reported)"
+            row = next((r for r in reported_rows if r.name == name), None)
+            if row is None:
+                row = Row(name, entry["family"], "reported", info={"sources": []})
+                reported_rows.append(row)
+            row.cells[col.key] = float(entry["value"])
+            if entry["source"] not in row.info["sources"]:
+                row.info["sources"].append(entry["source"])
+    # measured runs fill the reported rows' per-evaluation columns (e.g. coco_tr/hit@1) from their result rows
+    for row in rows.values():
+        for (bench, pool), results in row.info.pop("results", {}).items():
+            for r in results:
+                col = columns.get(f"{bench}|{pool}|{r['evaluation']}/{r['metric']}")
+                if col is not None and r["value"] is not None:
+                    row.cells.setdefault(col.key, float(r["value"]))
+    # only columns some measured run or kept reported row fills, measured benchmarks first
+    measured_keys = {k for r in rows.values() for k in r.cells}
+    ordered = sorted(columns.values(), key=lambda c: (c.key not in measured_keys, c.benchmark, c.pool, c.metric))
+    return Board(ordered, list(rows.values()) + reported_rows, meta.get("families", {}) or {}, len(files))
