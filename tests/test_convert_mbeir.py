@@ -281,3 +281,25 @@ def test_read_qrels_keeps_only_relevant_lines_and_rejects_bad_ones(tmp_path):
     path.write_text("9:1 0 9:11 1 0\n9:1 9:11\n")
     with pytest.raises(ValueError, match="qrels.txt:2"):
         read_qrels(path)
+
+
+def test_a_reused_pool_reports_what_its_shards_hold(fx, tmp_path):
+    """A second evaluation on a converted pool counts the candidates written, not the pool file's lines: a
+    candidate whose image was missing at conversion is not in the shards, so its qrels are not in the pool."""
+    (fx.root / fx.candidates["9:1001"]["img_path"]).unlink()
+    bench = tmp_path / "bench"
+    first = mbeir.convert_eval("cirr_task7", fx.test_queries[T7], fx.pool, fx.qrels[T7], fx.root, bench)
+    second = mbeir.convert_eval("mscoco_task0", fx.test_queries[T0], fx.pool, fx.qrels[T0], fx.root, bench)
+    pool_path = bench / "pools/mbeir_union_test_cand_pool"
+    held = [rec.meta["did"] for _, rec in read_back(pool_path)]
+    assert len(held) == read_index(pool_path).total == len(fx.candidates) - 1 and "9:1001" not in held
+    assert not first["pool"]["reused"] and second["pool"]["reused"]
+    assert first["pool"]["kept"] == second["pool"]["kept"] == len(held)
+    # the reused pool's report repeats what was skipped when it was written, and says by which report
+    assert (second["pool"]["lines"], second["pool"]["skipped"], second["pool"]["problems"]) == (
+        len(fx.candidates), 1, {"missing_image": 1})
+    assert second["pool"]["reported_when_written_by"] == "cirr_task7"
+    # the same queries against a freshly written pool: what a reused pool must report too
+    fresh = mbeir.convert_eval("mscoco_task0", fx.test_queries[T0], fx.pool, fx.qrels[T0], fx.root, tmp_path / "b2")
+    assert fresh["queries"]["problems"] == second["queries"]["problems"] == {"qrel_not_in_pool": 1}
+    assert "did=9:1001" in second["queries"]["examples"]["qrel_not_in_pool"][0]

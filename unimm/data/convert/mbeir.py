@@ -34,7 +34,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from unimm.data.benchmark import BenchmarkWriter, read_qrels, replacing_shard_set
 from unimm.data.records import make_sample
-from unimm.data.shards import read_index
+from unimm.data.shards import TruncatedShard, iter_raw_samples, read_index
 
 DATASETS = {
     0: "VisualNews",
@@ -386,6 +386,54 @@ def _write_pool(
     return modalities
 
 
+def _reusable_pool(path: Path, source: str) -> dict[str, str] | None:
+    """did -> modality of every candidate held by the pool shard set at ``path`` when it was written from
+    ``source``; None when it must be (re)written (absent, other source, or its shards no longer hold what
+    index.json promises).
+
+    Read from the shards themselves, not from the pool file: candidates skipped when the pool was written (a
+    missing image, ...) are not in the pool, and queries relevant to them must count as ``qrel_not_in_pool``.
+    """
+    try:
+        index = read_index(path)
+    except FileNotFoundError:
+        return None
+    if index.source != source:
+        return None
+    modalities: dict[str, str] = {}
+    try:
+        for shard in index.shards:
+            held = 0
+            for raw in iter_raw_samples(shard.path):
+                meta = json.loads(raw["meta.json"])
+                modalities[meta["did"]] = meta["modality"]
+                held += 1
+            if held != shard.count:
+                raise ValueError(f"{shard.path} holds {held} candidates, index.json promises {shard.count}")
+    except (TruncatedShard, ValueError, KeyError) as err:
+        _console.print(f"[yellow]pool {path} cannot be reused ({err}); writing it again[/yellow]")
+        return None
+    return modalities
+
+
+def _copy_written_report(out: Path, pool_name: str, pool: Path, part: _Part) -> None:
+    """Fill a reused pool's report with the lines, skips and problems reported when the pool was written (the
+    latest report in ``convert_report.json`` that wrote ``pool_name`` from this file and kept as many
+    candidates as the shards hold); without one, only ``kept`` is known."""
+    path = out / REPORT_FILE
+    reports = json.loads(path.read_text()) if path.is_file() else {}
+    for name, report in reversed(list(reports.items())):
+        written = report.get("pool", {})
+        if (written.get("pool") == pool_name and written.get("reused") is False
+                and written.get("file") == str(pool) and written.get("kept") == part.kept):
+            part.lines, part.skipped = written["lines"], written["skipped"]
+            part.problems.update(written.get("problems", {}))
+            part.examples.update(written.get("examples", {}))
+            part.notes["reported_when_written_by"] = name
+            return
+    part.lines = part.kept
+
+
 def _summary(values: Counter[str]) -> str:
     """The single value of a column, or the values joined by '+' when an evaluation mixes several."""
     return "+".join(sorted(values)) if values else "unknown"
@@ -420,18 +468,11 @@ def convert_eval(
     pool_part, query_part = _Part(pool, strict), _Part(queries, strict)
     source = _pool_source(pool, images)
     relevant = read_qrels(qrels)  # a malformed qrels file fails here, before the long pool conversion
-    try:
-        reused = read_index(bench.pool_path(pool_name)).source == source
-    except FileNotFoundError:
-        reused = False
+    modalities = _reusable_pool(bench.pool_path(pool_name), source)
+    reused = modalities is not None
     if reused:
-        # the pool's own problems were reported when it was written; only the dids are needed now
-        modalities = {
-            did: _modality(_clean_text(txt), img_path or None)
-            for did, (txt, img_path) in _read_pool_index(pool_part).items()
-        }
-        modalities = {did: m for did, m in modalities.items() if m is not None}
         pool_part.kept = len(modalities)
+        _copy_written_report(out, pool_name, pool, pool_part)
         bench.add_pool(pool_name)
     else:
         modalities = _write_pool(bench, pool_name, pool_part, images, source, shard_size)
