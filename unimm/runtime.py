@@ -6,13 +6,20 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import RichProgressBar
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, MissingMandatoryValue, OmegaConf
 
+from unimm.training.callbacks import ModelSummary, ProgressLog
+from unimm.utils.config_types import check_value_types
+from unimm.utils.console import log_console, quiet_known_noise
+from unimm.utils.errors import UserError, report_errors
+
+T = TypeVar("T")
 # The Hydra tree lives beside the package (installed editable by `make install`); UNIMM_CONF_DIR points elsewhere.
 CONF_DIR = os.environ.get("UNIMM_CONF_DIR", str(Path(__file__).resolve().parents[1] / "conf"))
 
@@ -53,6 +60,37 @@ def require_complete(cfg: DictConfig, ignore: tuple[str, ...] = ("hydra",)) -> N
                  f"set them on the command line ({examples}) or in conf/local/default.yaml")
 
 
+def run_log_path() -> Path | None:
+    """The run folder's log file (``<job name>.log``: train.log, cli.log), where Hydra's job logging writes."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    return Path(hydra_cfg.runtime.output_dir) / f"{hydra_cfg.job.name}.log"
+
+
+def run_main(fn: Callable[[DictConfig], T], cfg: DictConfig) -> T:
+    """What every CLI entry does around its work: the console into the run's log file, known noise off, the
+    config checked (unset values, value types) before anything is built, explained errors without a traceback."""
+    set_environment_defaults()
+    log_path = run_log_path()
+    if log_path is not None and int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        log_console(log_path)
+    quiet_known_noise()
+
+    def checked() -> T:
+        require_complete(cfg)
+        check_value_types(cfg)
+        try:
+            return fn(cfg)
+        except MissingMandatoryValue as err:  # an interpolation reached a ``???`` at run time: name the key
+            raise UserError(f"the config value '{err.full_key}' is required but not set; pass it on the command "
+                            f"line, e.g. {err.full_key}=...") from err
+
+    return report_errors(checked, log_path)
+
+
 def instantiate_dict(node: DictConfig | None) -> list[Any]:
     """Build every ``_target_`` entry of a name -> config mapping (callbacks, loggers), skipping empty ones."""
     if not node:
@@ -61,9 +99,12 @@ def instantiate_dict(node: DictConfig | None) -> list[Any]:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list):
-    """The Lightning Trainer of ``cfg.trainer``, with a rich progress bar unless ``trainer.enable_progress_bar=false``."""
+    """The Lightning Trainer of ``cfg.trainer``, with a rich progress bar unless ``trainer.enable_progress_bar=false``
+    (its plain-text epoch lines go to the run's log file, see :class:`~unimm.training.callbacks.ProgressLog`)."""
     if cfg.trainer.get("enable_progress_bar", True):
-        callbacks = [*callbacks, RichProgressBar(leave=True)]
+        callbacks = [*callbacks, RichProgressBar(leave=True), ProgressLog()]
+    if cfg.trainer.get("enable_model_summary", True):
+        callbacks = [*callbacks, ModelSummary()]  # Lightning's, less its FLOPs row that is always 0 here
     strategy = instantiate(cfg.strategy) if cfg.get("strategy") else "auto"
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy)
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, MissingMandatoryValue
+from omegaconf import DictConfig
 
+from unimm.checkpoints.released import apply_pretrained
 from unimm.eval.results_record import last_checkpoint, record_results
 from unimm.runtime import (
     CONF_DIR,
@@ -18,10 +18,11 @@ from unimm.runtime import (
     close_loggers,
     first_logger_with,
     instantiate_dict,
-    require_complete,
+    run_main,
     set_environment_defaults,
 )
-from unimm.training.callbacks import DataAccounting, StoreConfig, Throughput
+from unimm.training.callbacks import DataAccounting, NonFiniteGuard, StoreConfig, Throughput
+from unimm.utils.checkpoint_files import check_checkpoint_file
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -35,12 +36,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     processor = instantiate(cfg.processor)
     datamodule.attach_processor(processor)
     model = instantiate(cfg.model)
+    apply_pretrained(model, cfg)  # pretrained.path: a released checkpoint (README "Released checkpoints")
 
     throughput = Throughput()
-    callbacks = instantiate_dict(cfg.get("callbacks")) + [StoreConfig(cfg), DataAccounting(), throughput]
+    guard = NonFiniteGuard(**(cfg.get("nonfinite_guard") or {}))
+    callbacks = instantiate_dict(cfg.get("callbacks")) + [StoreConfig(cfg), DataAccounting(), throughput, guard]
     loggers = instantiate_dict(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("resume_from"))
+    resume = cfg.get("resume_from")
+    if resume and resume not in ("last", "hpc"):  # Lightning's own names for checkpoints it finds itself
+        resume = check_checkpoint_file(resume, "resume_from")
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
 
     metrics: dict[str, float] = {}
     if cfg.get("eval") and not trainer.fast_dev_run:
@@ -58,6 +64,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             f"checkpoint: {run_dir / 'checkpoints' / 'last.ckpt'}",
             f"steps: {trainer.global_step}, time: {time.perf_counter() - started:.1f} s, "
             f"train throughput: {throughput.samples_per_sec:.1f} samples/s",
+            guard.summary(),
         ]
         if cfg.get("optimized_metric") in metrics:
             summary.append(f"{cfg.optimized_metric}: {metrics[cfg.optimized_metric]:.2f}")
@@ -67,14 +74,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    set_environment_defaults()
-    require_complete(cfg)
-    try:
-        metrics = train(cfg)
-    except MissingMandatoryValue as err:
-        # name the key and how to set it instead of an OmegaConf traceback
-        sys.exit(f"error: the config value '{err.full_key}' is required but not set; "
-                 f"pass it on the command line, e.g. {err.full_key}=/path/to/it")
+    # console copied into <run>/train.log; config checked before building; explained errors without a traceback
+    metrics = run_main(train, cfg)
     return metrics.get(cfg.get("optimized_metric")) if metrics else None
 
 

@@ -76,6 +76,11 @@ class ShardDataModule(L.LightningDataModule):
         if self.prepare is not None:
             self.prepare()
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        from unimm.utils.batches import to_device
+
+        return to_device(batch, device)  # skips lists of plain values (keys, texts): see unimm.utils.batches
+
     def attach_processor(self, processor) -> None:
         """The backbone's processor (tokenizer + image preprocessing); set before the first loader."""
         self.processor = processor

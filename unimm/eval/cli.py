@@ -6,7 +6,6 @@ command line is needed; data, evaluation and runtime settings come from this com
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -14,9 +13,10 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, MissingMandatoryValue
+from omegaconf import DictConfig
 
 from unimm.checkpoints import load_run
+from unimm.checkpoints.released import pretrained_path, released_run, require_ckpt_path
 from unimm.eval.results_record import record_results
 from unimm.eval.suite import run_suite
 from unimm.runtime import (
@@ -24,16 +24,20 @@ from unimm.runtime import (
     close_loggers,
     first_logger_with,
     instantiate_dict,
-    require_complete,
-    set_environment_defaults,
+    run_main,
 )
+from unimm.utils.checkpoint_files import check_checkpoint_file
+from unimm.utils.errors import UserError
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     if not cfg.get("eval"):
-        raise ValueError("eval: no evaluation chosen; pick one, e.g. eval=toy")
-    run = load_run(cfg.ckpt_path)
+        raise UserError("eval: no evaluation chosen; pick one, e.g. eval=toy")
+    if pretrained_path(cfg):  # a released checkpoint through the experiment's loader (README "Released checkpoints")
+        run = released_run(cfg)
+    else:
+        run = load_run(check_checkpoint_file(require_ckpt_path(cfg), "ckpt_path"))
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.attach_processor(run.processor)
@@ -56,9 +60,5 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    set_environment_defaults()
-    require_complete(cfg)
-    try:
-        evaluate(cfg)
-    except MissingMandatoryValue as err:
-        sys.exit(f"error: the config value '{err.full_key}' is required but not set; e.g. {err.full_key}=...")
+    # console copied into <run>/cli.log; config checked before building; explained errors without a traceback
+    run_main(evaluate, cfg)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
 import torch
 
+from unimm.training.compile import CompileSettings, compile_blocks
 from unimm.training.optim import weight_decay_groups
-from unimm.utils.batches import to_device
 
 
 class EmbeddingModule(L.LightningModule):
@@ -19,21 +19,32 @@ class EmbeddingModule(L.LightningModule):
         optimizer: partial optimizer (``torch.optim.AdamW`` with lr, betas, weight_decay...); parameter groups
             without weight decay are built here (see :func:`~unimm.training.optim.weight_decay_groups`).
         scheduler: optional partial taking ``(optimizer, total_steps)``; stepped every optimizer step.
-        on_nonfinite_loss: ``skip`` (no optimizer step; counted and logged as ``train/skipped_steps``) or
-            ``stop`` (raise, naming the step and the batch keys).
+        on_nonfinite_loss: ``skip`` (no optimizer step; counted, logged as ``train/skipped_steps`` and reported;
+            :class:`~unimm.training.callbacks.NonFiniteGuard` stops the run past ``nonfinite_guard.max_skipped_fraction``)
+            or ``stop`` (raise at the first one, naming the step and the batch keys).
+        compile: ``model.compile``: ``true`` or ``{backend, mode, dynamic, fallback}`` compiles the repeated
+            transformer blocks of every encoder in place (:mod:`unimm.training.compile`) for training and embedding.
     """
 
     NONFINITE_POLICIES = ("skip", "stop")
 
     def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], scheduler: Callable | None = None,
-                 on_nonfinite_loss: str = "skip"):
+                 on_nonfinite_loss: str = "skip", compile: bool | Mapping[str, Any] = False):
         super().__init__()
+        self.compile_settings = CompileSettings.parse(compile)
         if on_nonfinite_loss not in self.NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite_loss={on_nonfinite_loss!r}; valid: {list(self.NONFINITE_POLICIES)}")
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.on_nonfinite_loss = on_nonfinite_loss
         self.skipped_steps = 0
+        self.last_nonfinite: dict[str, Any] | None = None
+
+    def configure_model(self) -> None:
+        """Lightning hook, after the strategy has placed the model: compile the blocks once (idempotent)."""
+        if self.compile_settings.enabled and not getattr(self, "_blocks_compiled", False):
+            compile_blocks(self, self.compile_settings)
+            self._blocks_compiled = True
 
     # -- what a family provides ------------------------------------------------------------------------------
     def encode_query(self, side: dict[str, Any]) -> torch.Tensor:
@@ -53,12 +64,7 @@ class EmbeddingModule(L.LightningModule):
         loss, terms = self.compute_loss(batch)
         size = len(batch["keys"])
         if not self._all_ranks_finite(loss):
-            if self.on_nonfinite_loss == "stop":
-                raise FloatingPointError(
-                    f"non-finite loss {loss.item()} at step {self.global_step}; batch keys: {batch['keys']}"
-                )
-            self.skipped_steps += 1
-            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=size)
+            self.skip_nonfinite(loss, batch)
             return None  # Lightning skips backward and the optimizer step; every rank agrees (see below)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         for name, value in terms.items():
@@ -66,8 +72,22 @@ class EmbeddingModule(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
         return loss
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return to_device(batch, device)  # skips lists of plain values (see unimm.utils.batches)
+    def skip_nonfinite(self, loss: torch.Tensor, batch: dict[str, Any]) -> None:
+        """Handle a non-finite loss by the policy: raise (``stop``) or count the skipped step (``skip``).
+
+        The skip is recorded in ``last_nonfinite`` (step, loss, batch keys) for
+        :class:`~unimm.training.callbacks.NonFiniteGuard`, which reports it and stops a run that skips too many.
+        ``train/loss`` is logged as the non-finite value: the progress bar and loggers must not keep showing the
+        last finite loss.
+        """
+        value = float(loss.detach().float().item()) if loss.numel() == 1 else float("nan")
+        if self.on_nonfinite_loss == "stop":
+            raise FloatingPointError(f"non-finite loss {value} at step {self.global_step}; batch keys: {batch['keys']}")
+        self.skipped_steps += 1
+        self.last_nonfinite = {"step": int(self.global_step), "loss": value, "keys": list(batch["keys"])}
+        size = len(batch["keys"])
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=size)
+        self.log("train/loss", value, prog_bar=True, batch_size=size)
 
     def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
         """True when the loss is finite on every rank: ranks must skip a step together or DDP would hang."""

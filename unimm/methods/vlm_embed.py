@@ -56,10 +56,11 @@ class VLMEmbedModule(EmbeddingModule):
     """
 
     def __init__(self, encoder: nn.Module, loss: InfoNCE, optimizer, scheduler=None, on_nonfinite_loss: str = "skip",
+                 compile: bool | dict = False,
                  lora: LoraSpec | dict | None = None, completion: Callable[[nn.Module], nn.Module] | None = None,
                  contrastive_weight: float = 1.0, alignment_weight: float = 1.0, gradcache: bool = False,
                  gradient_checkpointing: bool = False, init_from: str | None = None):
-        super().__init__(optimizer, scheduler, on_nonfinite_loss)
+        super().__init__(optimizer, scheduler, on_nonfinite_loss, compile)
         backbone = encoder
         self.completion = completion(backbone) if completion is not None else None
         if gradient_checkpointing:
@@ -153,11 +154,7 @@ class VLMEmbedModule(EmbeddingModule):
         loss, terms = self.loss_from_reps(batch, reps)
         size = len(batch["keys"])
         if not self._all_ranks_finite(loss):
-            if self.on_nonfinite_loss == "stop":
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}; "
-                                         f"batch keys: {batch['keys']}")
-            self.skipped_steps += 1
-            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=size)
+            self.skip_nonfinite(loss, batch)  # raises under on_nonfinite_loss=stop
             return None
         cache.backward_step([groups[name] for name in present], cached, loss, leaves)
         optimizer.step()

@@ -7,7 +7,10 @@ from collections import Counter
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import RichModelSummary
 from omegaconf import DictConfig, OmegaConf
+
+from unimm.utils.errors import UserError
 
 CONFIG_KEY = "unimm_config"
 
@@ -97,6 +100,119 @@ class DataAccounting(L.Callback):
                 step=trainer.global_step,
             )
         accounting.reset()
+
+
+class NonFiniteGuard(L.Callback):
+    """Reports every step skipped for a non-finite loss and stops a run that skips too many.
+
+    The module skips such a step (``on_nonfinite_loss=skip``, see :class:`~unimm.methods.base.EmbeddingModule`);
+    this prints it (step, loss, first batch keys) and raises :class:`NonFiniteLossError` once more than
+    ``max_skipped_fraction`` of the steps run so far were skipped, judged over at least ``window`` steps (a single
+    early NaN is not a diverged run), and again at the end of training over all its steps (short runs too).
+    Every rank skips the same steps (the module agrees across ranks), so every rank stops together.
+    ``max_skipped_fraction=null`` only reports.
+    """
+
+    def __init__(self, max_skipped_fraction: float | None = 0.1, window: int = 20, print_first: int = 10):
+        if max_skipped_fraction is not None and not 0.0 <= max_skipped_fraction < 1.0:
+            raise ValueError(f"nonfinite_guard.max_skipped_fraction={max_skipped_fraction}: use a fraction in [0, 1) "
+                             "or null to only report skipped steps")
+        self.max_skipped_fraction = max_skipped_fraction
+        self.window = window
+        self.print_first = print_first
+        self.steps = 0      # training batches run in this process (skipped or not)
+        self.skipped = 0
+        self._seen = 0      # the module's skipped_steps at the last batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps += 1
+        total = getattr(pl_module, "skipped_steps", 0)
+        if total == self._seen:
+            return
+        self._seen = total
+        self.skipped += 1
+        last = getattr(pl_module, "last_nonfinite", None) or {"step": trainer.global_step, "loss": float("nan"),
+                                                               "keys": list(batch.get("keys", []))}
+        if trainer.is_global_zero and self.skipped <= self.print_first:
+            more = " (further skips are counted, not printed)" if self.skipped == self.print_first else ""
+            print(f"[nonfinite] step {last['step']}: loss {last['loss']}, optimizer step skipped "
+                  f"({self.skipped} of {self.steps} steps so far); batch keys: {_head(last['keys'])}{more}")
+        if self.max_skipped_fraction is not None and self.skipped > self.max_skipped_fraction * max(self.steps, self.window):
+            self._stop(last)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.max_skipped_fraction is not None and self.skipped > self.max_skipped_fraction * self.steps:
+            self._stop(getattr(pl_module, "last_nonfinite", None) or {"step": trainer.global_step, "loss": float("nan"),
+                                                                      "keys": []})
+
+    def _stop(self, last: dict[str, Any]) -> None:
+        raise NonFiniteLossError(
+            f"training diverged: {self.skipped} of {self.steps} steps had a non-finite loss and were skipped, more than "
+            f"nonfinite_guard.max_skipped_fraction={self.max_skipped_fraction}; last at step {last['step']}, loss "
+            f"{last['loss']}, batch keys: {_head(last['keys'])}. Lower the learning rate (model.optimizer.lr), clip "
+            "gradients (trainer.gradient_clip_val), or raise the threshold (nonfinite_guard.max_skipped_fraction=null "
+            "only reports)"
+        )
+
+    def summary(self) -> str:
+        """The run summary's line."""
+        return f"non-finite steps skipped: {self.skipped} of {self.steps}"
+
+
+def _head(keys: list, n: int = 5) -> str:
+    return str(keys[:n]) + (f" ... ({len(keys)} keys)" if len(keys) > n else "")
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """Too many non-finite steps: the run stopped (see :class:`NonFiniteGuard`)."""
+
+
+class ModelSummary(RichModelSummary):
+    """Lightning's rich model summary without FLOPs: Lightning counts them only through ``example_input_array``,
+    which no unimm module has (a batch is a dict of sides), so its "Total FLOPs: 0" was never a measurement."""
+
+    @staticmethod
+    def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
+                  total_flops, **summarize_kwargs) -> None:
+        from lightning.pytorch.utilities.model_summary import get_human_readable_count
+        from rich import get_console
+        from rich.table import Table
+
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for name, _ in columns:
+            table.add_column(name if name else " ", justify="right" if name in ("Params", "In sizes", "Out sizes")
+                             else "left")
+        for row in zip(*(values for _, values in columns)):
+            table.add_row(*map(str, row))
+        console = get_console()
+        console.print(table)
+        console.print(f"Trainable params: {get_human_readable_count(trainable_parameters)}; non-trainable: "
+                      f"{get_human_readable_count(total_parameters - trainable_parameters)}; total: "
+                      f"{get_human_readable_count(total_parameters)} ({model_size:.1f} MB); modules in train / eval "
+                      f"mode: {total_training_modes['train']} / {total_training_modes['eval']}")
+
+
+class ProgressLog(L.Callback):
+    """One plain-text line per training epoch in the run's log file: the file's copy of the live progress bar
+    (whose in-place redraws are not written there)."""
+
+    def __init__(self) -> None:
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        from unimm.utils.console import write_log
+
+        values = ", ".join(f"{k}: {float(v):.4g}" for k, v in trainer.progress_bar_metrics.items()
+                           if isinstance(v, (int, float)) or getattr(v, "numel", lambda: 0)() == 1)
+        last = trainer.max_epochs - 1 if trainer.max_epochs and trainer.max_epochs > 0 else "?"
+        write_log(f"[progress] epoch {trainer.current_epoch}/{last}: step {trainer.global_step}, "
+                  f"{time.perf_counter() - self._start:.1f} s{', ' + values if values else ''}\n")
 
 
 class StoreConfig(L.Callback):
