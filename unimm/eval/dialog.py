@@ -58,7 +58,7 @@ class MMDialogEvaluator(CandidateListEvaluator):
     def run(self, module, datamodule, output_dir: str | os.PathLike, logger=None, tag: str = "") -> dict[str, float]:
         bench = load_benchmark(self.benchmark)
         results: dict[str, float] = {}
-        for spec, metrics in self.score_lists(module, datamodule, output_dir, tag).items():
+        for spec, metrics in self.score_lists(module, datamodule, output_dir, tag, logger=logger).items():
             for name, value in metrics.items():
                 results[f"{self.prefix}/{bench.name}/{spec.name}/{name}"] = value
         if is_rank_zero():
@@ -68,5 +68,6 @@ class MMDialogEvaluator(CandidateListEvaluator):
                                   title=f"{bench.name}: response retrieval (official per-element recall), "
                                         "1,000 candidates per response element",
                                   row_header="evaluation")
-            publish(output_dir, f"retrieval_{bench.name}", text, results, logger)
+            results.update(self.accounting_metrics(bench.name))
+            publish(output_dir, f"retrieval_{bench.name}", text + self.notes_below_table(), results, logger)
         return self._broadcast(results)

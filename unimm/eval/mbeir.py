@@ -82,13 +82,17 @@ def same_dataset_qrels(qrels: dict[str, set[str]]) -> tuple[dict[str, set[str]],
     return kept, dropped
 
 
-def paper_table(models: dict[str, dict[tuple[str, str], float]], title: str | None = None) -> str:
+def paper_table(models: dict[str, dict[tuple[str, str], float]], title: str | None = None,
+                notes: dict[tuple[str, str], str] | None = None) -> str:
     """The paper's layout: rows = task + dataset (the 16 M-BEIR rows first, in order, then any other), columns =
-    models, values = the reported R@k; an average row over the rows every model has."""
+    models, values = the reported R@k; an average row over the rows every model has. ``notes``: text put after
+    a row's label (e.g. `` (pool: 500/600 candidates)``)."""
+    notes = notes or {}
     present = {key for values in models.values() for key in values}
     keys = [k for k in MBEIR_EVALUATIONS if k in present] + sorted(present - set(MBEIR_EVALUATIONS))
-    rows = [row_label(*k) for k in keys]
-    values = {(row_label(*k), model): v for model, vals in models.items() for k, v in vals.items()}
+    label = {k: row_label(*k) + notes.get(k, "") for k in keys}
+    rows = [label[k] for k in keys]
+    values = {(label[k], model): v for model, vals in models.items() for k, v in vals.items()}
     return markdown_table(rows, list(models), values, title=title, row_header="task / dataset")
 
 
@@ -118,12 +122,12 @@ class MBEIREvaluator(RetrievalEvaluator):
         self._rows: list[dict] = []
 
     # -- pools -----------------------------------------------------------------------------------------------
-    def embed(self, module, datamodule, shard_set: str, side: str, cache_dir: Path) -> Embeddings | None:
+    def embed(self, module, datamodule, shard_set: str, side: str, cache_root: Path) -> Embeddings | None:
         if self.pool_mode == "local" or side != "cand":
-            return super().embed(module, datamodule, shard_set, side, cache_dir)
+            return super().embed(module, datamodule, shard_set, side, cache_root)
         if self._union is None:
-            parts = [super(MBEIREvaluator, self).embed(module, datamodule, path, "cand", cache_dir.parent / f"pool-{name}")
-                     for name, path in sorted(load_benchmark(self.benchmark).pools.items())]
+            parts = [super(MBEIREvaluator, self).embed(module, datamodule, path, "cand", cache_root)
+                     for _, path in sorted(load_benchmark(self.benchmark).pools.items())]
             if not is_rank_zero():
                 return None
             self._union = union_embeddings(parts)
@@ -143,10 +147,18 @@ class MBEIREvaluator(RetrievalEvaluator):
                 spec = replace(spec, qrels=str(path))
         metrics, ranked, positives = super().score(replace(spec, ks=ks), queries, pool)
         k = report_k(spec.dataset)
+        acc = self.accounting.get(spec.name, {})
         self._rows.append({"evaluation": spec.name, "task": spec.task, "dataset": spec.dataset, "k": k,
                            "value": metrics[f"hit@{k}"], "dropped_cross_dataset_qrels": dropped,
-                           "pool_size": len(pool.keys)})
+                           "pool_size": len(pool.keys), "no_positive_queries": int(self._last.get("no_positive", 0)),
+                           "queries": len(queries.keys),
+                           "queries_promised": (acc.get("queries") or {}).get("promised"),
+                           "pool_promised": (acc.get("pool") or {}).get("promised"),
+                           "pool_embedded": (acc.get("pool") or {}).get("embedded")})
         return metrics, ranked, positives
+
+    def pool_path(self, spec: EvaluationSpec) -> str | None:
+        return spec.pool_path if self.pool_mode == "local" else None  # the global pool spans every pool shard set
 
     def run(self, module, datamodule, output_dir: str | os.PathLike, logger=None, tag: str = "") -> dict[str, float]:
         output_dir = Path(output_dir)
@@ -155,13 +167,29 @@ class MBEIREvaluator(RetrievalEvaluator):
         results = super().run(module, datamodule, output_dir, logger=logger, tag=tag)
         if is_rank_zero() and self._rows:
             values = {(r["task"], r["dataset"]): r["value"] for r in self._rows}
+            notes = {(r["task"], r["dataset"]): self.row_note(r["evaluation"]) for r in self._rows}
             title = f"M-BEIR ({self.pool_mode} pool{'s' if self.pool_mode == 'local' else ''}), R@5 / R@10 (Fashion200K, FashionIQ)"
-            text = paper_table({self.model_name: values}, title=title)
+            text = paper_table({self.model_name: values}, title=title, notes=notes) + self.table_footnote()
             (output_dir / f"mbeir_{self.pool_mode}.md").write_text(text + "\n")
             (output_dir / "mbeir_results.json").write_text(
                 json.dumps({"pool_mode": self.pool_mode, "model": self.model_name, "rows": self._rows}, indent=1) + "\n")
             print(text)
         return results
+
+
+def union_accounting(parts: list[dict | None]) -> dict | None:
+    """The accounting of a union of pools: promised, embedded and skipped summed, shards named by shard set."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return None
+    skipped: dict[str, int] = {}
+    for p in parts:
+        for reason, n in p["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    return {"shard_set": "+".join(p["shard_set"] for p in parts), "promised": sum(p["promised"] for p in parts),
+            "embedded": sum(p["embedded"] for p in parts), "missing": sum(p["missing"] for p in parts),
+            "skipped": skipped, "unexplained": sum(p["unexplained"] for p in parts),
+            "shards": {f"{Path(p['shard_set']).name}/{name}": s for p in parts for name, s in p["shards"].items()}}
 
 
 def union_embeddings(parts: list[Embeddings]) -> Embeddings:
@@ -176,7 +204,7 @@ def union_embeddings(parts: list[Embeddings]) -> Embeddings:
                 rows.append((p, i))
     vectors = np.concatenate([np.asarray(part.vectors[[i for q, i in rows if q == p]]) for p, part in enumerate(parts)])
     return Embeddings(vectors, [parts[p].keys[i] for p, i in rows], [parts[p].metas[i] for p, i in rows],
-                      [parts[p].shards[i] for p, i in rows])
+                      [parts[p].shards[i] for p, i in rows], union_accounting([p.accounting for p in parts]))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,8 +10,11 @@ Definitions (values in percent, as papers report them):
 - ``precision@1`` (MMEB / VLM2Vec): share of rows whose best-scoring candidate is the positive at index 0.
 
 Ties are broken by the lower candidate index everywhere (ranking, precision@1, the faiss index), so a
-ranking is a function of the scores alone. A query without any relevant candidate has no defined metric:
-it raises :class:`NoPositiveError` instead of silently counting as a miss.
+ranking is a function of the scores alone. A query without any relevant candidate in the pool (all its
+positives are outside it, or it has no qrels): with ``no_positive="miss"`` it counts as a miss (0 for every
+k), as UniIR's ``compute_recall_at_k`` does (``if not relevant_docs: return 0.0``; a positive outside the pool
+is never retrieved); the evaluators use this and report how many such queries there were. The default
+``no_positive="raise"`` raises :class:`NoPositiveError` instead, for callers that never expect one.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def retrieval_metrics(
     ks: Sequence[int],
     query_ids: Sequence[str] | None = None,
     pool_size: int | None = None,
+    no_positive: str = "raise",
 ) -> dict[str, float]:
     """``hit@k`` and ``recall@k`` (percent) for every k in ``ks``.
 
@@ -77,6 +81,8 @@ def retrieval_metrics(
         ks: cutoffs, each <= K.
         query_ids: Q names, used in error messages (defaults to row numbers).
         pool_size: N, used in error messages and to check that positives are valid pool indices.
+        no_positive: a query with an empty positive set: ``raise`` (:class:`NoPositiveError`) or ``miss``
+            (counts 0 in hit@k and recall@k, UniIR's rule; see :func:`count_no_positive` to report them).
     Returns:
         ``{"hit@k": float, "recall@k": float}`` for each k.
     Raises:
@@ -87,9 +93,11 @@ def retrieval_metrics(
         raise ValueError(f"ranked must be [Q, K] with Q = len(positives); got {ranked.shape} and {len(positives)} sets")
     if len(ranked) == 0:
         raise ValueError("no queries to evaluate")
+    if no_positive not in ("raise", "miss"):
+        raise ValueError(f"no_positive={no_positive!r}; valid: 'raise', 'miss'")
     empty = [i for i, p in enumerate(positives) if not p]
     pool = f"a pool of {pool_size} candidates" if pool_size is not None else "the pool"
-    if empty:
+    if empty and no_positive == "raise":
         names = [str(query_ids[i]) if query_ids is not None else f"row {i}" for i in empty[:5]]
         raise NoPositiveError(f"{len(empty)} of {len(ranked)} queries have no relevant candidate in {pool}, "
                               f"e.g. {names}")
@@ -99,18 +107,23 @@ def retrieval_metrics(
         raise ValueError(f"ranked lists of depth {ranked.shape[1]} cannot give metrics at k={max(ks)}")
     # relevant[q, j]: is ranked[q, j] a positive of q. Vectorised as a membership test of (query, candidate)
     # pairs encoded as one int64 each, so Q in the millions stays fast.
-    width = max(int(ranked.max()), max(max(p) for p in positives)) + 2
+    width = max(int(ranked.max()), max((max(p) for p in positives if p), default=0)) + 2
     pairs = np.array([q * width + c for q, p in enumerate(positives) for c in p], dtype=np.int64)
     keys = np.arange(len(ranked), dtype=np.int64)[:, None] * width + ranked
     relevant = np.isin(keys, pairs) & (ranked >= 0)
     found = np.cumsum(relevant, axis=1)  # found[q, k-1] = positives of q within its top k
-    n_pos = np.array([len(p) for p in positives], dtype=np.float64)
+    n_pos = np.array([max(len(p), 1) for p in positives], dtype=np.float64)  # an empty set: 0 found of "1" -> 0
     out: dict[str, float] = {}
     for k in ks:
         hits = found[:, k - 1] if k > 0 else np.zeros(len(ranked))
         out[f"hit@{k}"] = 100.0 * float(np.mean(hits > 0))
         out[f"recall@{k}"] = 100.0 * float(np.mean(hits / n_pos))
     return out
+
+
+def count_no_positive(positives: Sequence[set[int]]) -> int:
+    """How many queries have no relevant candidate in the pool (they count as misses with ``no_positive="miss"``)."""
+    return sum(1 for p in positives if not p)
 
 
 def precision_at_1(scores_per_row: Sequence[np.ndarray]) -> float:

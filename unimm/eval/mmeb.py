@@ -84,9 +84,12 @@ class MMEBEvaluator(CandidateListEvaluator):
 
     ties_to_positive = True  # VLM2Vec scores argmax over the list == 0: the positive (index 0) wins ties
 
+    def main_metric(self, spec) -> tuple[str, str]:
+        return "precision@1", "recall@1"  # over one list with one positive, recall@1 is MMEB's precision@1
+
     def run(self, module, datamodule, output_dir: str | os.PathLike, logger=None, tag: str = "") -> dict[str, float]:
         bench = load_benchmark(self.benchmark)
-        scores = self.score_lists(module, datamodule, output_dir, tag)
+        scores = self.score_lists(module, datamodule, output_dir, tag, logger=logger)
         per_dataset = {spec.dataset: metrics["recall@1"] for spec, metrics in scores.items()}
         pairs = {spec.dataset: modality_pair(spec.query_modality, spec.cand_modality) for spec in scores}
         results: dict[str, float] = {}
@@ -95,7 +98,9 @@ class MMEBEvaluator(CandidateListEvaluator):
             results.update({f"{prefix}/{d}/precision@1": v for d, v in per_dataset.items()})
             summary = summarize(per_dataset, pairs)
             results.update({f"{prefix}/{g}": mean for g, (mean, _) in summary.items()})
-            publish(output_dir, f"mmeb_{bench.name}", self.table(per_dataset, summary, pairs), results, logger)
+            results.update(self.accounting_metrics(bench.name))
+            text = self.table(per_dataset, summary, pairs) + self.notes_below_table()
+            publish(output_dir, f"mmeb_{bench.name}", text, results, logger)
         return self._broadcast(results)
 
     @staticmethod
