@@ -15,8 +15,10 @@ def test_arcface_target_logit_by_hand():
     cos = torch.tensor([0.5])  # theta = 60 degrees
     # cos(60 deg + 0.5 rad) = cos(1.5471976) = 0.0235966
     assert arcface_cos(cos, 0.5).item() == pytest.approx(0.0235966, abs=1e-6)
-    # the angle cannot pass pi: cos(pi) = -1
-    assert arcface_cos(torch.tensor([-0.99]), 0.5).item() == pytest.approx(-1.0, abs=1e-6)
+    # official UNICOM (straight-through): no threshold, past pi the value rises again: cos(arccos(-0.99) + 0.5)
+    assert arcface_cos(torch.tensor([-0.99]), 0.5).item() == pytest.approx(math.cos(math.acos(-0.99) + 0.5), abs=1e-6)
+    # the exact-gradient option clamps the angle at pi: cos(pi) = -1
+    assert arcface_cos(torch.tensor([-0.99]), 0.5, straight_through=False).item() == pytest.approx(-1.0, abs=1e-6)
 
 
 def test_arcface_gradient_modes():

@@ -58,17 +58,24 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 def arcface_cos(cos: torch.Tensor, margin: float, straight_through: bool = True) -> torch.Tensor:
-    """``cos(theta + margin)`` of cosines ``cos`` (any shape), angles clamped to ``[0, pi]``.
+    """``cos(theta + margin)`` of cosines ``cos`` (any shape, within ``[-1, 1]``).
 
     With ``straight_through`` (the official UNICOM / insightface ``CombinedMarginLoss``, which applies the margin
-    in place under ``no_grad``) the value is ``cos(theta + m)`` but the gradient is that of ``cos`` itself;
-    otherwise the exact derivative of ``cos(theta + m)``.
+    in place under ``no_grad``) the value is the official ``cos(arccos(cos) + m)`` -- with no threshold: past
+    ``theta + m = pi`` it rises again, as UNICOM's ``m1 = 1, m3 = 0`` branch does (golden test
+    ``tests/test_golden_unicom.py``) -- and the gradient is that of ``cos`` itself. Otherwise (a unimm option) the
+    exact derivative of ``cos(theta + m)``, with the angle clamped to ``[0, pi]`` so the target logit stays
+    monotonic and the arccos derivative finite.
     """
-    theta = torch.arccos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
-    margined = torch.cos((theta + margin).clamp(max=math.pi))
     if straight_through:
+        with torch.no_grad():
+            margined = torch.cos(torch.arccos(cos.clamp(-1, 1)) + margin)
         return cos + (margined - cos).detach()
-    return margined
+    theta = torch.arccos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
+    return torch.cos((theta + margin).clamp(max=math.pi))
+
+
+MAX_ROW_LOSS = -math.log(1e-30)  # UNICOM DistCrossEntropy: loss.clamp_min_(1e-30).log_()
 
 
 class ArcFaceSoftmax(nn.Module):
@@ -91,7 +98,10 @@ class ArcFaceSoftmax(nn.Module):
         True per row over all ranks. Returns the per-row cross entropy ``[N]`` (global over ranks)."""
         logits = torch.where(positive, arcface_cos(cos, self.margin, self.straight_through), cos) * self.scale
         target = sum_value_across_ranks((logits * positive).sum(dim=1))
-        return dist_logsumexp(logits) - target
+        loss = dist_logsumexp(logits) - target
+        # UNICOM's DistCrossEntropy takes -log(max(p_y, 1e-30)): a row's value is capped at -log(1e-30) ~ 69.08,
+        # while its hand-written backward stays softmax - one_hot (uncapped). Same value, same gradient here.
+        return loss + (loss.clamp(max=MAX_ROW_LOSS) - loss).detach()
 
 
 class MultiLabelClusterLoss(nn.Module):
