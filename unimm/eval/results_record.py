@@ -245,6 +245,7 @@ def build_record(
     step: int | None = None,
     wall_time_s: float | None = None,
     suite: str | None = None,
+    fingerprint: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """The results record of one evaluation run (see the module docstring for the fields).
 
@@ -253,6 +254,7 @@ def build_record(
         cfg: this command's config (hashed); ``train_cfg``: the training config (from the checkpoint for
             ``unimm.eval``; the same as ``cfg`` for ``unimm.train``): gives the experiment and the model origin.
         module: the evaluated LightningModule (family and weights fingerprint).
+        fingerprint: ``(fingerprint, how)`` already computed (see :func:`record_results`).
     """
     from unimm import __version__
 
@@ -268,7 +270,7 @@ def build_record(
     head_metric, head_value = headline(rows)
     commit, dirty = git_state()
     hw = hardware()
-    fingerprint, how = weights_fingerprint(module) if module is not None else (None, None)
+    fingerprint, how = fingerprint or (weights_fingerprint(module) if module is not None else (None, None))
     ckpt = Path(ckpt_path).resolve() if ckpt_path else None
     experiment = _get(train_cfg, "task_name")
     output_dir = Path(output_dir).resolve()
@@ -357,10 +359,14 @@ def record_results(metrics: Mapping[str, float], evaluator, output_dir: str | os
     that produced ``metrics``: a record that cannot be written is reported on stderr."""
     from unimm.utils.progress import is_rank_zero
 
+    module = kwargs.get("module")
+    # every rank computes the fingerprint: under torch.distributed the shared one gathers over all ranks
+    fingerprint = weights_fingerprint(module) if module is not None else None
     if not metrics or not is_rank_zero():
         return None
     try:
-        path = write_record(output_dir, build_record(metrics, evaluator, output_dir=output_dir, **kwargs))
+        path = write_record(output_dir, build_record(metrics, evaluator, output_dir=output_dir, fingerprint=fingerprint,
+                                                     **kwargs))
     except Exception as err:  # the metrics are already on disk; losing the record must not lose the run
         import sys
 
