@@ -18,7 +18,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, Phi3Config, Phi3Mode
 from tests.conftest import run_cli, single_run_dir
 from unimm.checkpoints.phi35v import map_official_state, phi35v_from_pretrained, phi35v_processor
 from unimm.models.processors import word_level_tokenizer
-from unimm.models.vlm.phi35v import phi35v_tiny_processor, tiny_phi35v
+from unimm.models.vlm.phi35v import IMAGE_TOKEN, phi35v_tiny_processor, tiny_phi35v
 from unimm.models.vlm.phi35v_crop import Phi35VImageProcessor
 from unimm.models.vlm.pooling import last_token_pool
 
@@ -328,6 +328,27 @@ def test_dora_and_unimoco_completion_wrap_the_backbone(vocab):
     # the tower's last block feeds nothing: Phi-3.5-V reads the penultimate layer
     assert all(g is None for n, g in grads.items() if "encoder.layers.1." in n)
     assert completion.proj.weight.grad.abs().sum() > 0
+
+
+def test_image_prompts_tokenised_piece_wise_as_the_official_processor(vocab):
+    """The official Phi3VProcessor splits a prompt on its <|image_N|> tags and tokenises each piece on its own, so
+    every piece keeps the tokenizer's specials (here BOS 2 ... EOS 3; Phi-3.5-V's tokenizer adds BOS only), and it
+    does not truncate prompts with images; text-only prompts are one call, cut to max_length."""
+    proc = phi35v_tiny_processor(vocab, num_crops=1, max_length=4)
+    w = {word: i + 4 for i, word in enumerate(WORDS.split())}  # after PAD 0, UNK 1, BOS 2, EOS 3
+    img = proc.image_token_id
+    square = Image.new("RGB", (40, 40), (9, 9, 9))  # 1 x 1 tile: 2 * 4 + 1 + 2 * 2 = 13 tokens
+    out = proc([f"{proc.image_token} a red digit seven small", f"seven {proc.image_token} large",
+                "a red green blue digit"], [[square], [square], []])
+    rows = [r[m.bool()].tolist() for r, m in zip(out["input_ids"], out["attention_mask"])]
+    assert rows[0] == [2, 3] + [img] * 13 + [2, w["a"], w["red"], w["digit"], w["seven"], w["small"], 3]
+    assert rows[1] == [2, w["seven"], 3] + [img] * 13 + [2, w["large"], 3]
+    assert rows[2] == [2, w["a"], w["red"], 3]  # text only: one call, cut to max_length (4), specials kept
+    assert out["image_mask"].sum(1).tolist() == [13, 13, 0]
+    assert out["attention_mask"].sum(1).tolist() == [22, 19, 4]
+    assert out["attention_mask"][:, 0].all()  # right padding (VLM2Vec)
+    with pytest.raises(ValueError, match=r"<\|image_1\|>"):
+        proc([f"{IMAGE_TOKEN.replace('1', '2')} red"], [[square]])  # tags must number the row's images in order
 
 
 def test_token_count_mismatch_is_reported(vocab):

@@ -92,6 +92,12 @@ class VLMAdapter:
         """Backbone image tensors of ``images`` and the number of LM tokens of each image."""
         raise NotImplementedError  # abstract
 
+    def tokenize(self, texts: list[str], images: list[list[Image.Image]]) -> list[list[int]]:
+        """Token ids of each prompt with one :attr:`image_token_id` per image (expanded later by
+        :meth:`__call__`): the whole prompt in one tokenizer call, cut to ``max_length``, as the native
+        transformers processors do (their expansion happens before tokenising; the ids are the same)."""
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+
     def token_type(self, ids: list[int]) -> dict[str, list[int]]:
         """Extra per-token rows this backbone needs (Qwen2-VL: ``mm_token_type_ids``); default none."""
         return {}
@@ -116,7 +122,7 @@ class VLMAdapter:
         if flat:
             image_tensors, counts = self.image_inputs(flat)
             out.update(image_tensors)
-        ids_rows = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        ids_rows = self.tokenize(list(texts), images)
         rows, slot_rows, extras = [], [], []
         it = iter(counts)
         for r, ids in enumerate(ids_rows):

@@ -13,15 +13,20 @@ What differs from the other backbones (the official ``image_embedding_phi3_v.py`
   ``sub_GN`` too; then ``img_projection`` = Linear(4D -> H), GELU, Linear(H -> H);
 - the LM is the native :class:`~transformers.Phi3Model` (fused ``qkv_proj`` / ``gate_up_proj``, LongRoPE).
 
-Choices: the prompt is tokenised as one string with ``<|image_1|>`` as one added special token (the official
-processor tokenises the text pieces between image tags separately, so each piece gets its own BOS where the
-tokenizer adds one); only the real views of an image go through the tower (the official code also encodes the
+Prompts with images are tokenised as the official ``Phi3VProcessor._convert_images_texts_to_inputs``: split on
+the ``<|image_N|>`` tags, each text piece tokenised on its own (so each keeps its own BOS: ``[BOS] [img]*n [BOS]
+text``), the pieces joined by the images' tokens, and not truncated (the official processor ignores
+``max_length`` when a prompt has images; it cuts text-only prompts only). The official processor writes ``-N`` at
+the image positions and its model embeds them as id 0 before overwriting them; here they hold the id of
+``<|image_1|>`` and ``image_mask`` marks them (same embeddings). Choices: only the real views of an image go through the tower (the official code also encodes the
 zero-padded ones and drops them; the kept features are the same, the tower sees each view on its own).
 LongRoPE switches every row of a batch to its long factors when any row passes ``original_max_position_embeddings``
 (4096) positions; VLM2Vec's inputs (256 text tokens + at most 781 image tokens at 4 crops) stay below it.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from PIL import Image
@@ -32,6 +37,7 @@ from unimm.models.vlm.adapters import VLMAdapter, VLMBackbone, special_token_tok
 from unimm.models.vlm.phi35v_crop import Phi35VImageProcessor
 
 IMAGE_TOKEN = "<|image_1|>"
+IMAGE_TAG = re.compile(r"<\|image_\d+\|>")  # the official processor's split pattern
 
 
 # -- model side ---------------------------------------------------------------------------------------------------
@@ -157,6 +163,27 @@ class Phi3VAdapter(VLMAdapter):
 
     image_token = IMAGE_TOKEN
     default_padding_side = "right"
+
+    def tokenize(self, texts, images):
+        """Text-only prompts: one call, cut to ``max_length``. Prompts with images: the official piece-wise
+        tokenisation (module docstring), tags ``<|image_1|>`` ... ``<|image_n|>`` once each, in order (the official
+        model fills image positions in order, whatever the tag's number)."""
+        rows = []
+        for r, (text, row_images) in enumerate(zip(texts, images)):
+            if not row_images:
+                rows.append(self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"])
+                continue
+            tags = IMAGE_TAG.findall(text)
+            expected = [f"<|image_{i + 1}|>" for i in range(len(row_images))]
+            if tags != expected:
+                raise ValueError(f"row {r} has {len(row_images)} images, so its prompt needs the tags {expected} in "
+                                 f"that order, once each; found {tags}: {text[:200]!r}")
+            pieces = [self.tokenizer(piece)["input_ids"] for piece in IMAGE_TAG.split(text)]
+            ids = list(pieces[0])
+            for piece in pieces[1:]:
+                ids += [self.image_token_id, *piece]
+            rows.append(ids)
+        return rows
 
     def image_inputs(self, images: list[Image.Image]):
         out = self.image_processor(images)
