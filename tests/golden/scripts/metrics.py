@@ -15,7 +15,7 @@ interactive retriever at module level, so ``compute_recall_at_k`` is compiled fr
 (``index_cpu_to_all_gpus``), an exact inner-product search either way. ``get_pred`` is imported from the
 checkout as it is.
 
-Environment: /work/golden/envs/e_official (Python 3.11, numpy 2.x, faiss-cpu 1.13.2).
+Environment: /work/golden/envs/e_official (Python 3.11, numpy 2.x, faiss-cpu 1.15.1).
 
 Rerun (writes tests/golden/metrics/metrics.json):
   git --git-dir=<UniIR mirror> archive 98dc570c2645fec8e1fd42c7d4ac9853f46051fd | tar -x -C /tmp/uniir
