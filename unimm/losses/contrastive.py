@@ -58,13 +58,34 @@ class InfoNCE(nn.Module):
         gather: use the candidates (and queries) of every rank as negatives. Identity when
             torch.distributed is not initialised. With ``gather=False`` each rank uses only its
             local batch.
+        hard_negative_form: how ``hard_negatives`` enter the q2c direction.
+            ``full_batch`` (default): the row's ``N`` own negatives are appended as columns to the
+            full (gathered) in-batch matrix, ``[B, world*B + N]``.
+            ``uniir``: UniIR's ``compute_inbatch_contrastive_loss`` with hard negatives: each query
+            is scored against ``[its positive, its N own negatives, K "in-batch negatives"]``,
+            nothing gathered, loss = mean of ``-log_softmax[:, 0]``; logits ``[B, 1 + N + K]``,
+            ``K = min(B - 1, in_batch_neg_num)``. As in the official code, the K extra columns are
+            copies of the row's *own* positive (UniIR expands ``p_embeds`` along the wrong dim before
+            masking the diagonal), not other queries' positives.
+            Without hard negatives both forms are the plain in-batch loss.
+        in_batch_neg_num: K of the ``uniir`` form (UniIR's ``data_config.in_batch_neg_num``, 0 in
+            every released config, where the quirk above has no effect).
     """
 
-    def __init__(self, temperature: float | None = 0.07, symmetric: bool = False, gather: bool = True):
+    HARD_NEGATIVE_FORMS = ("full_batch", "uniir")
+
+    def __init__(self, temperature: float | None = 0.07, symmetric: bool = False, gather: bool = True,
+                 hard_negative_form: str = "full_batch", in_batch_neg_num: int = 0):
         super().__init__()
+        if hard_negative_form not in self.HARD_NEGATIVE_FORMS:
+            raise ValueError(f"hard_negative_form={hard_negative_form!r}; valid: {list(self.HARD_NEGATIVE_FORMS)}")
+        if in_batch_neg_num < 0:
+            raise ValueError(f"in_batch_neg_num must be >= 0, got {in_batch_neg_num}")
         self.temperature = temperature
         self.symmetric = symmetric
         self.gather = gather
+        self.hard_negative_form = hard_negative_form
+        self.in_batch_neg_num = in_batch_neg_num
 
     def forward(
         self,
@@ -112,6 +133,9 @@ class InfoNCE(nn.Module):
                 f"got {tuple(hard_negatives.shape)}"
             )
 
+        if hard_negatives is not None and self.hard_negative_form == "uniir":
+            return self._uniir_hard_negative_loss(query, cand, hard_negatives, scale)
+
         rank = world_info()[0] if self.gather else 0
         all_cand = gather_with_grad(cand) if self.gather else cand
         # Rank r's positives sit at rows r*B..r*B+B-1 of the gathered candidates.
@@ -140,3 +164,19 @@ class InfoNCE(nn.Module):
             accuracy=accuracy,
             terms={k: v.detach() for k, v in terms.items()},
         )
+
+    def _uniir_hard_negative_loss(self, query: Tensor, cand: Tensor, hard_negatives: Tensor, scale) -> ContrastiveOutput:
+        """UniIR's hard-negative loss on local rows: ``[B, 1 + N + K]`` logits with the positive in column 0,
+        ``K = min(B - 1, in_batch_neg_num)`` further columns scoring the row's own positive again (what
+        UniIR's ``p_embeds.unsqueeze(1).expand(-1, bs, -1)[mask]`` selects). q2c only (``symmetric`` does not
+        apply: UniIR has no c2q term here)."""
+        b = query.shape[0]
+        k = min(b - 1, self.in_batch_neg_num)
+        negatives = torch.cat([hard_negatives, cand.unsqueeze(1).expand(-1, k, -1)], dim=1)  # [B, N + K, D]
+        pos = (query * cand).sum(-1, keepdim=True)  # [B, 1]
+        neg = (query.unsqueeze(1) * negatives).sum(-1)  # [B, N + K]
+        logits = scale * torch.cat([pos, neg], dim=1)
+        loss = -F.log_softmax(_at_least_fp32(logits), dim=1)[:, 0].mean()
+        with torch.no_grad():
+            accuracy = (logits.argmax(dim=1) == 0).float().mean()
+        return ContrastiveOutput(loss=loss, logits=logits.detach(), accuracy=accuracy, terms={"q2c": loss.detach()})

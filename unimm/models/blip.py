@@ -19,6 +19,15 @@ from transformers import BlipConfig, BlipForImageTextRetrieval, BlipModel
 
 from unimm.models.processors import BOS_ID, EOS_ID, PAD_ID, vocab_size
 
+# BLIP's and UniIR's ViT build every LayerNorm with eps 1e-6 (``partial(nn.LayerNorm, eps=1e-6)``); HF BLIP
+# folders carry ``layer_norm_eps: 1e-5`` for the vision tower, which changes every ViT output. The builders below
+# force the official value; None would keep the folder's.
+OFFICIAL_VISION_LAYER_NORM_EPS = 1e-6
+
+
+def _vision_eps(vision_config: dict, eps: float | None) -> dict:
+    return {**vision_config, "layer_norm_eps": eps} if eps is not None else vision_config
+
 
 def _require_folder(path: str) -> None:
     if not (Path(path) / "config.json").is_file():
@@ -38,12 +47,17 @@ def with_biased_projections(model: BlipModel) -> BlipModel:
     return model
 
 
-def blip_from_pretrained(path: str, dtype: str | None = None) -> BlipModel:
+def blip_from_pretrained(path: str, dtype: str | None = None,
+                         vision_layer_norm_eps: float | None = OFFICIAL_VISION_LAYER_NORM_EPS) -> BlipModel:
     """Load a ``BlipModel`` saved in a local Hugging Face folder (e.g. a UniIR BLIP model saved by unimm); its
-    projections get UniIR's biases (new, zero) as in :func:`with_biased_projections` when the folder has none."""
+    projections get UniIR's biases (new, zero) as in :func:`with_biased_projections` when the folder has none.
+    ``vision_layer_norm_eps``: the ViT's LayerNorm eps (official 1e-6; None = the folder's)."""
     _require_folder(path)
     kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
-    model = BlipModel.from_pretrained(path, local_files_only=True, **kwargs)
+    config = BlipConfig.from_pretrained(path, local_files_only=True)
+    if vision_layer_norm_eps is not None:
+        config.vision_config.layer_norm_eps = vision_layer_norm_eps
+    model = BlipModel.from_pretrained(path, config=config, local_files_only=True, **kwargs)
     if model.text_projection.bias is None:
         weights = {n: getattr(model, n).weight.detach().clone() for n in ("visual_projection", "text_projection")}
         with_biased_projections(model)
@@ -68,7 +82,8 @@ def resize_position_table(table: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 def blip_from_retrieval_pretrained(path: str, projection_dim: int = 768, dtype: str | None = None,
-                                   image_size: int | None = None) -> BlipModel:
+                                   image_size: int | None = None,
+                                   vision_layer_norm_eps: float | None = OFFICIAL_VISION_LAYER_NORM_EPS) -> BlipModel:
     """A ``BlipModel`` initialised from a local ``BlipForImageTextRetrieval`` folder (e.g. a copy of
     ``Salesforce/blip-itm-large-coco``), as UniIR starts from a BLIP checkpoint.
 
@@ -76,11 +91,12 @@ def blip_from_retrieval_pretrained(path: str, projection_dim: int = 768, dtype: 
     to ``projection_dim`` are new, as in UniIR (BLIP's own projections map to 256, and its retrieval checkpoints
     carry no pooler weights). Every copied tensor must match: a missing or unexpected key is an error.
     ``image_size`` (None = the folder's): build the ViT for that size, the position table resized to its grid
-    (UniIR trains BLIP at 224 px; the HF retrieval folders are 384 px).
+    (UniIR trains BLIP at 224 px; the HF retrieval folders are 384 px). ``vision_layer_norm_eps``: the ViT's
+    LayerNorm eps (official 1e-6, HF folders say 1e-5; None = the folder's).
     """
     _require_folder(path)
     source = BlipForImageTextRetrieval.from_pretrained(path, local_files_only=True)
-    vision_config = source.config.vision_config.to_dict()
+    vision_config = _vision_eps(source.config.vision_config.to_dict(), vision_layer_norm_eps)
     if image_size is not None:
         vision_config["image_size"] = image_size
     config = BlipConfig(text_config=source.config.text_config.to_dict(), vision_config=vision_config,
@@ -111,6 +127,7 @@ def tiny_blip(
     max_text_length: int = 32,
     seed: int = 0,
     initializer_range: float = 0.02,
+    vision_layer_norm_eps: float | None = OFFICIAL_VISION_LAYER_NORM_EPS,
 ) -> BlipModel:
     """A randomly initialised BLIP dual encoder small enough to train on a CPU; the text side uses the word-level
     vocabulary of ``vocab_file`` with its ``[BOS]`` as the first ([CLS]) token.
@@ -118,6 +135,7 @@ def tiny_blip(
     ``initializer_range``: std of every weight (BLIP's 0.02 by default). At width 32-64 and 0.02 the [CLS] states
     are the same for every input (text features of different captions have cosine 0.99998): a model trained from
     scratch on the toy data then learns only which task a row belongs to; the tiny experiments use 0.15.
+    ``vision_layer_norm_eps``: as BLIP's ViT (1e-6).
     """
     text = dict(
         vocab_size=vocab_size(vocab_file), hidden_size=width, encoder_hidden_size=width, intermediate_size=4 * width,
@@ -130,8 +148,17 @@ def tiny_blip(
         num_hidden_layers=layers, num_attention_heads=heads,
         initializer_range=initializer_range,  # BlipVisionConfig's default 1e-10 (fine for loading) leaves a random ViT blind
     )
+    return blip_from_config(text, vision, projection_dim, seed, initializer_range, vision_layer_norm_eps)
+
+
+def blip_from_config(text_config: dict, vision_config: dict, projection_dim: int, seed: int = 0,
+                     initializer_range: float = 0.02,
+                     vision_layer_norm_eps: float | None = OFFICIAL_VISION_LAYER_NORM_EPS) -> BlipModel:
+    """A randomly initialised UniIR BLIP encoder (``BlipModel`` with biased projections) from HF
+    ``BlipTextConfig`` / ``BlipVisionConfig`` keyword dicts, the ViT LayerNorm eps forced to the official value
+    (e.g. to load a UniIR ``.pth`` of any size through :mod:`unimm.checkpoints.uniir`)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return with_biased_projections(
-            BlipModel(BlipConfig(text_config=text, vision_config=vision, projection_dim=projection_dim,
-                                 initializer_range=initializer_range)))
+            BlipModel(BlipConfig(text_config=text_config, vision_config=_vision_eps(vision_config, vision_layer_norm_eps),
+                                 projection_dim=projection_dim, initializer_range=initializer_range)))

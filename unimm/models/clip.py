@@ -77,3 +77,13 @@ def tiny_clip(
         torch.manual_seed(seed)  # the "untrained" baseline is the same model every time
         clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim))
     return with_vision_model(clip, vision_path)
+
+
+def clip_from_config(text_config: dict, vision_config: dict, projection_dim: int, seed: int = 0) -> CLIPModel:
+    """A randomly initialised ``CLIPModel`` of any size from HF ``CLIPTextConfig`` / ``CLIPVisionConfig`` keyword
+    dicts, e.g. the shape of an OpenAI CLIP / UniIR ``.pth`` to load through :mod:`unimm.checkpoints.uniir`
+    (OpenAI CLIP: ``quick_gelu``, LayerNorm eps 1e-5, the HF defaults)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config,
+                                    projection_dim=projection_dim))
