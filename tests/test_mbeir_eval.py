@@ -171,3 +171,35 @@ def test_each_pool_is_embedded_once_and_any_positive_is_a_hit(shared_bench, tmp_
     assert metrics["val/mbeir/cirr_task7/hit@1"] == 100.0
     again, rows_again = _run_counting(shared_bench, tmp_path, pool_mode)  # the on-disk cache: nothing re-encoded
     assert rows_again == 0 and again == metrics
+
+
+@pytest.fixture(scope="module")
+def outside_bench(tmp_path_factory):
+    """Pool {9:1 w1, 9:2 w2}; queries 9:10 "w1" -> 9:1 (in the pool) and 9:11 "w2" -> 9:99 (a did the pool lacks)."""
+    root = tmp_path_factory.mktemp("outside")
+    (root / "vocab.txt").write_text("\n".join(WORDS))
+    writer = BenchmarkWriter(root / "eval", name="mbeir")
+    with writer.pool_writer("coco") as w:
+        for did, text in {"9:1": "w1", "9:2": "w2"}.items():
+            w.write(make_sample(f"mbeir_{did.replace(':', '_')}", {"did": did, "modality": "text"}, cand=Item(text=text)))
+    with writer.query_writer("mscoco_task0") as w:
+        for qid, text in (("9:10", "w1"), ("9:11", "w2")):
+            w.write(make_sample(f"mbeir_{qid.replace(':', '_')}", {"qid": qid}, query=Item(text=text)))
+    writer.write_qrels("mscoco_task0", ["9:10 0 9:1 1 0", "9:11 0 9:99 1 0"])
+    writer.add_evaluation("mscoco_task0", dataset="MSCOCO", task="t2i", query_modality="text", cand_modality="text",
+                          pool="coco")
+    writer.save()
+    return root
+
+
+def test_queries_whose_positives_are_outside_the_pool_count_as_misses(outside_bench, tmp_path, capsys):
+    """Issue 14 item 7: UniIR's compute_recall_at_k returns 0 for them; unimm raised NoPositiveError."""
+    metrics = _run(outside_bench, tmp_path, pool_mode="local")
+    # 9:10 finds 9:1 first; 9:11's only positive is not in the pool: a miss at every k
+    assert metrics["val/mbeir/mscoco_task0/hit@1"] == 50.0
+    assert metrics["val/mbeir/mscoco_task0/hit@10"] == 50.0
+    assert "1 of 2 queries have no positive in the pool; counted as misses" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["accounting/mbeir/mscoco_task0/no_positive_queries"] == 1.0
+    assert json.loads((tmp_path / "mbeir_results.json").read_text())["rows"][0]["no_positive_queries"] == 1
+    assert "1. qt → ci / MSCOCO (1 queries without positive in pool)" in (tmp_path / "mbeir_local.md").read_text()
