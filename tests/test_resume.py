@@ -1,7 +1,8 @@
 """A run killed with SIGKILL mid-epoch and resumed from its last checkpoint continues exactly.
 
 Exactly means: the resumed run sees precisely the samples the killed run had not yet trained on in that
-epoch (none repeated, none skipped) and, on CPU, its per-step losses equal the uninterrupted run's.
+epoch (none repeated, none skipped), its epoch's data accounting equals the uninterrupted run's and, on CPU,
+its per-step losses equal the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ def _overrides(data_dir: Path, log_dir: Path) -> list[str]:
 def _losses(run_dir: Path) -> dict[int, float]:
     rows = csv.DictReader(open(next(run_dir.glob("csv/version_*/metrics.csv"))))
     return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def _data_metrics(run_dir: Path) -> dict[str, float]:
+    """The epoch's data accounting as logged (``data/*`` columns of the metrics.csv row that has them)."""
+    rows = csv.DictReader(open(next(run_dir.glob("csv/version_*/metrics.csv"))))
+    [row] = [r for r in rows if r.get("data/delivered")]
+    return {k: float(v) for k, v in row.items() if k.startswith("data/") and v}
 
 
 def _sample_log(run_dir: Path) -> list[dict]:
@@ -77,6 +85,10 @@ def test_sigkill_mid_epoch_then_resume_is_exact(toy_data_dir, tmp_path):
     assert before + after == reference_batches
     seen = [k for batch in before + after for k in batch]
     assert len(seen) == len(set(seen))  # one epoch: no sample twice
+
+    # accounting: the resumed run's epoch tally counts the samples delivered before the kill too
+    assert _data_metrics(resumed_dir) == _data_metrics(ref_dir)
+    assert _data_metrics(ref_dir)["data/delivered"] == len(seen)
 
     # loss curve: identical after the resume point
     ref, res = _losses(ref_dir), _losses(resumed_dir)

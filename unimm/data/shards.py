@@ -17,6 +17,7 @@ import mmap
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import numpy as np
 import webdataset as wds
 
 INDEX_FILE = "index.json"
+Buffer = bytes | mmap.mmap  # what a shard is read from (collections.abc.Buffer needs Python 3.12)
 FORMAT_VERSION = 1
 
 
@@ -48,20 +50,45 @@ class ShardIndex:
         return sum(s.count for s in self.shards)
 
 
+class DataError(RuntimeError):
+    """Bad data met with ``strict=True``, a shard set that cannot be read, or a split that cannot work; the
+    message names the file, shard or key (and the field)."""
+
+
+class ShardIndexError(DataError, ValueError):
+    """An ``index.json`` that cannot be used: not JSON, or a missing or ill-typed field (named)."""
+
+
 def read_index(root: str | os.PathLike) -> ShardIndex:
-    """Read ``<root>/index.json``. Fails naming the folder when it is not a shard set."""
+    """Read ``<root>/index.json``. Fails naming the folder when it is not a shard set, and the file and the
+    field when the index is malformed."""
     root = Path(root)
     index_path = root / INDEX_FILE
     if not index_path.is_file():
         hint = " (folder does not exist)" if not root.exists() else ""
         raise FileNotFoundError(f"not a unimm shard set: {index_path} is missing{hint}")
-    with open(index_path) as f:
-        data = json.load(f)
-    shards = tuple(ShardInfo(str(root / s["name"]), int(s["count"])) for s in data["shards"])
+    try:
+        data = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        where = f" (line {err.lineno} column {err.colno}: {err.msg})" if isinstance(err, json.JSONDecodeError) else ""
+        raise ShardIndexError(f"{index_path} is not valid JSON{where}; rewrite it with the converter that made "
+                              f"the shard set") from None
+    if not isinstance(data, dict) or not isinstance(data.get("shards"), list):
+        raise ShardIndexError(f"{index_path} has no 'shards' list (expected {{\"shards\": [{{\"name\": ..., "
+                              f"\"count\": ...}}, ...]}})")
+    shards = []
+    for i, entry in enumerate(data["shards"]):
+        for key in ("name", "count"):
+            if not isinstance(entry, dict) or key not in entry:
+                raise ShardIndexError(f"{index_path}: shards[{i}] has no {key!r} field")
+        count = entry["count"]
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ShardIndexError(f"{index_path}: shards[{i}].count must be a sample count >= 0, got {count!r}")
+        shards.append(ShardInfo(str(root / str(entry["name"])), count))
     missing = [s.path for s in shards if not os.path.exists(s.path)]
     if missing:
         raise FileNotFoundError(f"{index_path} lists shards that do not exist: {missing[:5]}")
-    return ShardIndex(str(root), shards, data.get("source", ""), data.get("converter", ""))
+    return ShardIndex(str(root), tuple(shards), data.get("source", ""), data.get("converter", ""))
 
 
 class ShardSetWriter:
@@ -132,11 +159,21 @@ class ShardSetWriter:
 
 
 class TruncatedShard(Exception):
-    """Raised (after yielding every intact sample) when a tar ends in the middle of a member."""
+    """Raised (after yielding every intact member) when a tar ends in the middle of a member or a header is damaged.
+
+    ``next_member``: the name of the member the damage fell in, when its header could still be read (its data
+    is cut, or the file ends inside its header after the name): the member before it is then known to be the
+    last of its sample. None when nothing tells.
+    """
+
+    def __init__(self, message: str, next_member: str | None = None):
+        super().__init__(message)
+        self.next_member = next_member
 
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
+NAME_FIELD = 100  # bytes of the name field at the start of a tar header
 
 
 def _octal(field: bytes) -> int:
@@ -158,22 +195,36 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def iter_tar_members(path: str) -> Iterator[tuple[str, bytes]]:
-    """Yield ``(member name, bytes)`` of the regular files of a tar, in file order.
+@contextmanager
+def open_shard(path: str) -> Iterator[Buffer]:
+    """The bytes of one tar shard, as a buffer (a read-only memory map of a local file).
 
-    A small reader of the tar format (ustar, GNU long names, pax paths) over a memory map, instead of
+    The one place that opens shards: a remote reader (http, s3) returns the downloaded bytes here and every
+    reader above it works unchanged.
+    """
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            yield b""
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            yield buf
+
+
+def iter_tar_members(path: str) -> Iterator[tuple[str, bytes]]:
+    """Yield ``(member name, bytes)`` of the regular files of the tar shard at ``path``, in file order.
+
+    A small reader of the tar format (ustar, GNU long names, pax paths) over the shard's bytes, instead of
     :mod:`tarfile`, whose per-member Python objects cost more than decoding a small JPEG. Header checksums are
     verified, so a damaged or truncated shard raises :class:`TruncatedShard` at the damage, after every
     intact member.
     """
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
+    with open_shard(path) as buf:
+        if len(buf) == 0:
             raise TruncatedShard(f"{path}: empty file")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            yield from _parse_tar(buf, path)
+        yield from _parse_tar(buf, path)
 
 
-def _block_sums(buf: mmap.mmap) -> list[int]:
+def _block_sums(buf: Buffer) -> list[int]:
     """Byte sum of every 512-byte block, in one vectorised pass: the header checksums then cost a lookup
     instead of a Python-level sum over 512 bytes per member (a third of the reader's time on small samples)."""
     blocks = np.frombuffer(buf, dtype=np.uint8, count=(len(buf) // BLOCK) * BLOCK).reshape(-1, BLOCK)
@@ -182,12 +233,29 @@ def _block_sums(buf: mmap.mmap) -> list[int]:
     return sums
 
 
-def _parse_tar(buf: mmap.mmap, path: str) -> Iterator[tuple[str, bytes]]:
+def _cut_header_name(partial: bytes) -> str | None:
+    """The member name in a header the file ends inside of, when the cut left all of it (up to its NUL or the
+    full 100-byte field). The bytes before a cut are as written, so the name is trusted though the header's
+    checksum cannot be checked. Only its base name is used (a ustar prefix may be cut off)."""
+    field = partial[:NAME_FIELD]
+    if b"\0" not in field and len(field) < NAME_FIELD:
+        return None
+    try:
+        return field.split(b"\0", 1)[0].decode("utf-8") or None
+    except UnicodeDecodeError:
+        return None
+
+
+def _parse_tar(buf: Buffer, path: str) -> Iterator[tuple[str, bytes]]:
     end, pos, long_name = len(buf), 0, None
     block_sums = _block_sums(buf)
     while True:
         if pos + BLOCK > end:
-            raise TruncatedShard(f"{path}: no end-of-archive marker (file cut short at byte {end})")
+            rest = bytes(buf[pos:end]) if pos < end else b""
+            if rest and rest.count(0) == len(rest):
+                return  # the end-of-archive blocks are cut short: no member is lost
+            name = long_name or _cut_header_name(rest)
+            raise TruncatedShard(f"{path}: no end-of-archive marker (file cut short at byte {end})", name)
         header = buf[pos : pos + BLOCK]
         if header == _ZERO_BLOCK:
             return  # the end-of-archive marker every tar writer puts last
@@ -197,42 +265,70 @@ def _parse_tar(buf: mmap.mmap, path: str) -> Iterator[tuple[str, bytes]]:
             raise TruncatedShard(f"{path}: corrupt tar header at byte {pos}")
         size = _octal(header[124:136])
         start = pos + BLOCK
-        if start + size > end:
-            raise TruncatedShard(f"{path}: member ends after {end - start} of {size} bytes")
-        pos = start + size + (-size) % BLOCK
         kind = header[156:157]
+        name = long_name or _header_name(header)
+        if start + size > end:
+            # the header is intact: the damage is inside this member, whose name tells which sample it starts
+            regular = kind in (b"0", b"\0", b"7")
+            raise TruncatedShard(f"{path}: member ends after {end - start} of {size} bytes", name if regular else None)
+        pos = start + size + (-size) % BLOCK
         if kind == b"L":  # GNU long name for the next member
             long_name = buf[start : start + size].rstrip(b"\0").decode("utf-8")
         elif kind == b"x":  # pax extended header for the next member
             long_name = _pax_path(buf[start : start + size]) or long_name
         elif kind in (b"0", b"\0", b"7"):
-            name = header[:100].rstrip(b"\0").decode("utf-8")
-            prefix = header[345:500].rstrip(b"\0").decode("utf-8") if header[257:262] == b"ustar" else ""
-            yield long_name or (f"{prefix}/{name}" if prefix else name), buf[start : start + size]
+            yield name, buf[start : start + size]
             long_name = None
         # other kinds (directories, links, global pax headers) carry no sample data
+
+
+def _header_name(header: bytes) -> str:
+    name = header[:NAME_FIELD].rstrip(b"\0").decode("utf-8")
+    prefix = header[345:500].rstrip(b"\0").decode("utf-8") if header[257:262] == b"ustar" else ""
+    return f"{prefix}/{name}" if prefix else name
+
+
+def sample_key(member: str) -> tuple[str, str] | None:
+    """``(key, field)`` of a member name, as webdataset splits it: the key is the path up to the first dot of
+    the base name (``"a/k1.pos.jpg" -> ("a/k1", "pos.jpg")``); None for a name without a field."""
+    directory, _, base = member.rpartition("/")
+    key, dot, field = base.partition(".")
+    if not dot:
+        return None
+    return (f"{directory}/{key}" if directory else key), field
+
+
+def _same_sample(member: str, key: str) -> bool:
+    """Whether ``member`` may belong to sample ``key``, comparing base names (a cut header may lack its prefix)."""
+    parsed = sample_key(member)
+    return parsed is None or parsed[0].rpartition("/")[2] == key.rpartition("/")[2]
 
 
 def iter_raw_samples(path: str) -> Iterator[dict[str, Any]]:
     """Yield raw webdataset samples (``{"__key__": ..., "<field>.<ext>": bytes}``) from one tar shard.
 
-    Fields are grouped by key in file order, as webdataset does (the key is the member name up to the first
-    dot of its base name). A damaged tar yields every sample before the damage and then raises
-    :class:`TruncatedShard`: only what follows the damage is lost.
+    Fields are grouped by key in file order, as webdataset does. A damaged tar yields every sample known to be
+    whole before the damage and then raises :class:`TruncatedShard`. A sample is known whole when a member of
+    another sample follows it: when the damage falls in the first member of the next sample (its header still
+    names it), the sample before the damage is complete and delivered; when the cut leaves no readable name
+    after a sample, the sample may have had more members and counts as lost.
     """
     current: dict[str, Any] | None = None
     try:
         for name, data in iter_tar_members(path):
-            directory, _, base = name.rpartition("/")
-            key, dot, field = base.partition(".")
-            if not dot:
+            parsed = sample_key(name)
+            if parsed is None:
                 continue
-            key = f"{directory}/{key}" if directory else key
+            key, field = parsed
             if current is None or current["__key__"] != key:
                 if current is not None:
                     yield current
                 current = {"__key__": key}
             current[field] = data
+    except TruncatedShard as err:
+        if current is not None and err.next_member is not None and not _same_sample(err.next_member, current["__key__"]):
+            yield current  # the damaged member starts the next sample: this one is whole
+        raise
     except (OSError, ValueError, UnicodeDecodeError) as err:
         raise TruncatedShard(f"{path}: {err}") from err
     # a sample interrupted by damage is incomplete: TruncatedShard propagates before it is yielded

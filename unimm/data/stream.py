@@ -6,17 +6,22 @@ two slots and none is padded or duplicated.
 
 Training needs every rank to take the same number of optimizer steps (DDP would hang otherwise). Every
 worker slot yields the same number of batches, computed up front from the counts promised by
-``index.json`` (the fewest full batches any slot can make); samples beyond that are reported as unused for
-the epoch. A worker whose shards deliver fewer samples than promised (corrupt samples) tops up by
-re-reading its own shards; the accounting says so.
+``index.json`` (the fewest full batches any slot can make); samples beyond that are counted as unused for
+the epoch (a worker reaching its quota counts what is left in its buffer and its shards, without decoding
+it). A worker whose shards deliver fewer samples than promised (corrupt samples) tops up by re-reading its
+own shards; the accounting says so, and counts the damage met on the re-read only once.
+
+Accounting identity, per epoch: delivered (re-reads excluded) + skipped + unused = promised by index.json +
+found beyond index.json. A shard holding more or fewer samples than its index entry is counted per shard
+(``beyond_index`` / ``fewer_than_indexed``) and stops the run with ``strict=True``.
 
 Exact resume: because every worker yields the same number of batches and the DataLoader takes batches from
 its workers in turn, batch ``j`` of an epoch comes from worker ``j % num_workers``. Knowing how many batches
 a rank had consumed (:meth:`ShardStream.resume`), each worker replays its deterministic record sequence
 (seeded by seed, epoch and slot) and drops the records it had already delivered, without collating them.
 
-Every batch carries ``batch["stats"]``: a :class:`StreamStats` with the samples delivered and the samples
-skipped since the previous batch, by reason and shard. :class:`SampleAccounting` adds them up.
+Every batch carries ``batch["stats"]``: a :class:`StreamStats` with the samples delivered, skipped (by reason
+and shard), unused and found beyond the index since the previous batch. :class:`SampleAccounting` adds them up.
 """
 
 from __future__ import annotations
@@ -31,35 +36,78 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from unimm.data.records import CorruptSample, Record, decode_sample
-from unimm.data.shards import ShardIndex, ShardInfo, TruncatedShard, iter_raw_samples
+from unimm.data.shards import DataError, ShardIndex, ShardInfo, TruncatedShard, iter_raw_samples
 
-
-class DataError(RuntimeError):
-    """Bad data met with ``strict=True``, or a split that cannot work; the message names shard and key."""
+__all__ = ["DataError", "SampleAccounting", "ShardStream", "Source", "StreamStats", "fetch_records"]
 
 
 @dataclass
 class StreamStats:
-    """Samples delivered and skipped (by ``(reason, shard)``) over some span of a stream."""
+    """What happened to the samples of some span of a stream.
+
+    ``delivered``: samples in batches, re-reads included; ``refilled``: re-reads among them (a worker topping
+    up to keep ranks in step); ``skipped``: ``(reason, shard) -> n`` samples promised and not delivered
+    (damage, bad samples, a shard holding fewer than promised); ``unused``: ``shard -> n`` samples left out of
+    a training epoch by the equal per-worker quota; ``beyond_index``: ``shard -> n`` samples a shard holds
+    beyond its ``index.json`` count.
+    """
 
     delivered: int = 0
     skipped: Counter = field(default_factory=Counter)
-    refilled: int = 0  # samples re-read to keep the per-rank step count equal
+    refilled: int = 0
+    unused: Counter = field(default_factory=Counter)
+    beyond_index: Counter = field(default_factory=Counter)
 
     def add(self, other: StreamStats) -> None:
         self.delivered += other.delivered
         self.skipped.update(other.skipped)
         self.refilled += other.refilled
+        self.unused.update(other.unused)
+        self.beyond_index.update(other.beyond_index)
 
     def take(self) -> StreamStats:
         """Return the stats so far and reset (attach to the next emitted batch)."""
-        out = StreamStats(self.delivered, self.skipped, self.refilled)
-        self.delivered, self.skipped, self.refilled = 0, Counter(), 0
+        out = StreamStats(self.delivered, self.skipped, self.refilled, self.unused, self.beyond_index)
+        self.delivered, self.skipped, self.refilled, self.unused, self.beyond_index = 0, Counter(), 0, Counter(), Counter()
         return out
 
     @property
     def n_skipped(self) -> int:
         return sum(self.skipped.values())
+
+    @property
+    def n_unused(self) -> int:
+        return sum(self.unused.values())
+
+    @property
+    def n_beyond_index(self) -> int:
+        return sum(self.beyond_index.values())
+
+    @property
+    def used(self) -> int:
+        """Distinct samples delivered (re-reads excluded)."""
+        return self.delivered - self.refilled
+
+    def index_mismatches(self, counts: dict[str, int]) -> dict[str, tuple[int, int]]:
+        """``shard -> (held, promised)`` for every shard seen holding another count than ``counts`` (index.json)."""
+        out = {shard: counts.get(shard, 0) + n for shard, n in self.beyond_index.items() if n}
+        for (reason, shard), n in self.skipped.items():
+            if reason == "fewer_than_indexed":
+                out[shard] = counts.get(shard, 0) - n
+        return {shard: (held, counts.get(shard, 0)) for shard, held in sorted(out.items())}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types (for checkpoints and json)."""
+        return {"delivered": self.delivered, "refilled": self.refilled,
+                "skipped": [[reason, shard, n] for (reason, shard), n in self.skipped.items()],
+                "unused": [[shard, n] for shard, n in self.unused.items()],
+                "beyond_index": [[shard, n] for shard, n in self.beyond_index.items()]}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> StreamStats:
+        return cls(state.get("delivered", 0), Counter({(r, sh): n for r, sh, n in state.get("skipped", [])}),
+                   state.get("refilled", 0), Counter(dict(state.get("unused", []))),
+                   Counter(dict(state.get("beyond_index", []))))
 
 
 class SampleAccounting:
@@ -83,12 +131,24 @@ class SampleAccounting:
             total.add(s)
         return total
 
-    def summary(self, stats: StreamStats, promised: int | None = None) -> str:
-        lines = [f"samples delivered: {stats.delivered}" + (f" of {promised} promised by index.json" if promised else "")]
+    def summary(self, stats: StreamStats, stream: ShardStream | None = None) -> str:
+        """Lines: delivered / skipped / unused against what ``stream``'s index.json files promise, then the
+        re-reads, the skips by reason and shard and every shard whose count differs from its index entry."""
+        promised = stream.promised if stream is not None else None
+        lines = [f"samples delivered: {stats.used}" + (f" of {promised} promised by index.json" if promised is not None else "")
+                 + f", skipped: {stats.n_skipped}, not used this epoch (equal full batches per worker): {stats.n_unused}"]
+        if stats.n_beyond_index:
+            lines.append(f"found beyond index.json: {stats.n_beyond_index}")
+        if promised is not None:
+            missing = promised + stats.n_beyond_index - stats.used - stats.n_skipped - stats.n_unused
+            if missing:
+                lines.append(f"not reached (the epoch stopped before its end): {missing}")
         if stats.refilled:
             lines.append(f"re-read to keep ranks in step: {stats.refilled}")
         for (reason, shard), n in sorted(stats.skipped.items()):
             lines.append(f"skipped {n} ({reason}) in {shard}")
+        for shard, (held, count) in stats.index_mismatches(stream.shard_counts if stream is not None else {}).items():
+            lines.append(f"index mismatch: {shard} holds {held} samples, index.json promises {count}")
         return "\n".join(lines)
 
     def reset(self) -> None:
@@ -175,6 +235,11 @@ class ShardStream(IterableDataset):
     def promised(self) -> int:
         return sum(src.index.total for src in self.sources)
 
+    @property
+    def shard_counts(self) -> dict[str, int]:
+        """``shard path -> count`` promised by index.json."""
+        return {s.path: s.count for src in self.sources for s in src.index.shards}
+
     def _plan(self) -> list[list[list[ShardInfo]]]:
         """``plan[slot][source]`` = the shards that worker slot reads from each source this epoch."""
         n_slots = self.world_size * self.num_workers
@@ -190,7 +255,8 @@ class ShardStream(IterableDataset):
 
     @property
     def unused_per_epoch(self) -> int:
-        """Samples (over all ranks) that the equal per-slot quota leaves out of each training epoch."""
+        """Samples (over all ranks) that the equal per-slot quota leaves out of each training epoch, as planned
+        from index.json (the stream's ``unused`` stats count what really was)."""
         return self.promised - self._quota(self._plan()) * self.batch_size * len(self._plan()) if self.train else 0
 
     def __len__(self) -> int:
@@ -214,20 +280,30 @@ class ShardStream(IterableDataset):
 
     # -- iteration -------------------------------------------------------------------------------------------
     def _read_shard(self, shard: ShardInfo, stats: StreamStats) -> Iterator[tuple[dict[str, Any], str]]:
-        """Raw samples ``(fields, shard path)`` in file order; damage to the tar is counted here."""
-        delivered = 0
+        """Raw samples ``(fields, shard path)`` in file order; damage to the tar and a count that differs from
+        index.json are counted here (once the shard is read to its end)."""
+        found = 0
         try:
             for raw in iter_raw_samples(shard.path):
-                delivered += 1
+                found += 1
                 yield raw, shard.path
         except TruncatedShard as err:
             if self.strict:
                 raise DataError(f"truncated shard (data.strict=true): {err}") from err
-            # everything after the damage is lost: count it against what index.json promised
-            stats.skipped[("truncated_tar", shard.path)] += max(shard.count - delivered, 1)
+            # everything after the damage is lost: count it against what index.json promised (the key is kept
+            # at 0 when the shard held more than promised before its damage: the damage is still reported)
+            stats.skipped[("truncated_tar", shard.path)] += max(shard.count - found, 0)
+            if found > shard.count:
+                stats.beyond_index[shard.path] += found - shard.count
             return
-        if delivered < shard.count:
-            stats.skipped[("fewer_than_indexed", shard.path)] += shard.count - delivered
+        if found != shard.count:
+            if self.strict:
+                raise DataError(f"{shard.path} holds {found} samples but its index.json promises {shard.count} "
+                                f"(data.strict=true); rebuild the shard set or its index.json")
+            if found < shard.count:
+                stats.skipped[("fewer_than_indexed", shard.path)] += shard.count - found
+            else:
+                stats.beyond_index[shard.path] += found - shard.count
 
     def _read_source(self, shards: list[ShardInfo], stats: StreamStats) -> Iterator[tuple[dict[str, Any], str]]:
         for shard in shards:
@@ -266,11 +342,11 @@ class ShardStream(IterableDataset):
             except StopIteration:
                 streams.pop(i)
 
-    def _shuffled(self, records: Iterator[Any], rng: random.Random) -> Iterator[Any]:
+    def _shuffled(self, records: Iterator[Any], rng: random.Random, buffer: list[Any]) -> Iterator[Any]:
+        """Shuffle through ``buffer`` (the caller's list: what it holds when the quota is reached is unused)."""
         if not (self.train and self.shuffle_buffer > 1):
             yield from records
             return
-        buffer: list[Any] = []
         for record in records:
             buffer.append(record)
             if len(buffer) >= self.shuffle_buffer:
@@ -279,7 +355,9 @@ class ShardStream(IterableDataset):
                 buffer[i], buffer[-1] = buffer[-1], buffer[i]
                 yield buffer.pop()
         rng.shuffle(buffer)
-        yield from buffer
+        buffer.reverse()  # popped from the end: the shuffled order, and the buffer holds only what is not yet out
+        while buffer:
+            yield buffer.pop()
 
     def _length_sorted(self, records: Iterator[Record]) -> Iterator[Record]:
         """Evaluation only: sort each window of ``sort_window`` records by text length, so that batches hold
@@ -332,7 +410,7 @@ class ShardStream(IterableDataset):
                 if len(pending) == self.batch_size:
                     yield self._batch(pending, stats)
                     pending = []
-            if pending or stats.skipped:
+            if pending or stats.skipped or stats.beyond_index:
                 yield self._batch(pending, stats)
             return
 
@@ -341,12 +419,18 @@ class ShardStream(IterableDataset):
         emitted, pending, passes = 0, [], 0
         while emitted < quota:
             got_any = False
-            for record in self._decoded(self._shuffled(self._mixture(shard_lists, stats, rng), rng), stats):
+            # a re-read pass counts its re-reads only: its damage and bad samples were counted on the first pass
+            pass_stats = stats if passes == 0 else StreamStats()
+            raws = self._mixture(shard_lists, pass_stats, rng)
+            buffer: list[Any] = []
+            for record in self._decoded(self._shuffled(raws, rng, buffer), pass_stats):
                 got_any = True
                 if passes:
                     stats.refilled += 1
                 pending.append(record)
                 if len(pending) == self.batch_size:
+                    if emitted + 1 == quota and passes == 0:
+                        self._count_unused(raws, buffer, stats)  # goes out with the last batch
                     if emitted < skip:
                         stats.take()  # delivered before the interruption: already in the saved accounting
                     else:
@@ -357,6 +441,17 @@ class ShardStream(IterableDataset):
             passes += 1
             if not got_any:
                 raise DataError(f"worker slot {slot} has no readable sample in {[s.path for shards in shard_lists for s in shards]}")
+
+
+    @staticmethod
+    def _count_unused(raws: Iterator[tuple[dict[str, Any], str]], buffer: list[Any], stats: StreamStats) -> None:
+        """At the quota: what the shuffle buffer holds and what the worker's shards still hold is unused this
+        epoch. The shards are read to their end without decoding (their damage and index counts are checked
+        as on any read); ``raws`` is the first pass's raw stream, suspended under the buffer."""
+        stats.unused.update(shard for _, shard in buffer)
+        buffer.clear()
+        for _, shard in raws:
+            stats.unused[shard] += 1
 
 
 def fetch_records(wanted: dict[str, set[str]]) -> dict[str, Record]:

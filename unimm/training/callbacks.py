@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
 from typing import Any
 
 import lightning as L
@@ -57,9 +56,12 @@ class DataAccounting(L.Callback):
     resumed epoch reports the whole epoch.
     """
 
+    MAX_SHARD_METRICS = 20  # per-shard index mismatches logged as metrics (all of them are printed)
+
     def __init__(self) -> None:
         self._accounting = None
         self._restored: dict[str, Any] = {}
+        self.epochs: list[dict[str, Any]] = []  # the totals of every finished epoch (for summaries and tests)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         trainer.datamodule.train_stream().set_epoch(trainer.current_epoch)
@@ -68,37 +70,43 @@ class DataAccounting(L.Callback):
         trainer.datamodule.accounting.update(batch)
 
     def state_dict(self) -> dict[str, Any]:
-        stats = self._accounting.stats if self._accounting is not None else None
-        if stats is None:
-            return {}
-        return {"delivered": stats.delivered, "refilled": stats.refilled,
-                "skipped": [[reason, shard, n] for (reason, shard), n in stats.skipped.items()]}
+        return self._accounting.stats.to_dict() if self._accounting is not None else {}
 
+    # Lightning calls setup() before it restores callback states from a checkpoint (and may call them in the
+    # other order elsewhere): whichever comes second applies the restored tally, so a resumed epoch counts
+    # the samples delivered before the interruption.
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._restored = state
+        self._apply_restored()
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._accounting = trainer.datamodule.accounting
-        restored = self._restored
-        if restored:
+        self._apply_restored()
+
+    def _apply_restored(self) -> None:
+        if self._accounting is not None and self._restored:
             from unimm.data.stream import StreamStats
 
-            self._accounting.stats = StreamStats(
-                restored["delivered"], Counter({(r, sh): n for r, sh, n in restored["skipped"]}), restored["refilled"]
-            )
+            self._accounting.stats = StreamStats.from_dict(self._restored)
+            self._restored = {}
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         accounting = trainer.datamodule.accounting
         stats = accounting.reduce()
+        stream = trainer.datamodule.train_stream()
+        mismatches = stats.index_mismatches(stream.shard_counts)
         if trainer.is_global_zero:
-            stream = trainer.datamodule.train_stream()
-            report = accounting.summary(stats, stream.promised).replace("\n", "; ")
-            print(f"[data] epoch {trainer.current_epoch}: {report}; not used this epoch (equal full batches per worker): {stream.unused_per_epoch}")
+            report = accounting.summary(stats, stream).replace("\n", "; ")
+            print(f"[data] epoch {trainer.current_epoch}: {report}")
+        totals = {"data/delivered": stats.used, "data/skipped": stats.n_skipped, "data/unused": stats.n_unused,
+                  "data/refilled": stats.refilled, "data/beyond_index": stats.n_beyond_index,
+                  "data/index_mismatch_shards": len(mismatches)}
+        for shard, (held, count) in list(mismatches.items())[: self.MAX_SHARD_METRICS]:
+            # held - promised, per shard: "<shard set folder>/<shard file>"
+            totals["data/index_mismatch/" + "/".join(shard.split("/")[-2:])] = held - count
+        self.epochs.append({"epoch": trainer.current_epoch, "promised": stream.promised, **totals})
         for logger in trainer.loggers:
-            logger.log_metrics(
-                {"data/delivered": stats.delivered, "data/skipped": stats.n_skipped, "data/refilled": stats.refilled},
-                step=trainer.global_step,
-            )
+            logger.log_metrics(totals, step=trainer.global_step)
         accounting.reset()
 
 
