@@ -118,6 +118,7 @@ def test_e5v_tiny_trains_on_text_only_nli(toy_data_dir, tmp_path):
     convert_nli(tmp_path / "nli.csv", toy_data_dir / "nli")
     log_dir = tmp_path / "logs"
     run_cli("unimm.train", "+experiment=e5v_tiny", f"paths.data_dir={toy_data_dir}", f"paths.log_dir={log_dir}",
+            f"data.train_sets.nli.path={toy_data_dir / 'nli'}",  # this CSV, not the toy NLI set e5v_tiny builds
             "logger=csv", "trainer.log_every_n_steps=2", "trainer.max_epochs=3", "eval=none", cwd=tmp_path)
     run_dir = single_run_dir(log_dir, "e5v_tiny")
     rows = list(csv.DictReader(open(next(run_dir.glob("csv/version_*/metrics.csv")))))

@@ -70,6 +70,29 @@ def run_log_path() -> Path | None:
     return Path(hydra_cfg.runtime.output_dir) / f"{hydra_cfg.job.name}.log"
 
 
+# folder-name fragment -> the converter that writes such a shard set (each has --help)
+CONVERTERS = {
+    "mbeir": "python -m unimm.data.convert mbeir train --queries ... --pool ... --images ... --out {path}",
+    "mmeb": "python -m unimm.data.convert mmeb ... --out {path}",
+    "nli": "python -m unimm.data.convert.nli --csv nli_for_simcse.csv --out {path}",
+    "cc3m": "python -m unimm.data.convert cc3m ... --out {path}",
+    "visdial": "python -m unimm.data.convert visdial ... --out {path}",
+    "mmdialog": "python -m unimm.data.convert mmdialog ... --out {path}",
+    "arrow": "python -m unimm.data.convert vlmo_arrow ... --out {path}",
+}
+
+
+def shard_set_hint(message: str) -> str:
+    """The command that builds the missing shard set named in ``message`` (by its folder name), else the list."""
+    path = message.split(": ", 1)[-1].split(" is missing")[0].removesuffix("/index.json")
+    name = Path(path).name.lower() + " " + Path(path).parent.name.lower()
+    for fragment, command in CONVERTERS.items():
+        if fragment in name:
+            return f"build it with: {command.format(path=path)} (see --help; the experiment's README has the full command)"
+    return (f"build it with a converter: python -m unimm.data.convert <format> ... --out {path} (formats: "
+            f"python -m unimm.data.convert --help), or point the data config at an existing shard set")
+
+
 def run_main(fn: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     """What every CLI entry does around its work: the console into the run's log file, known noise off, the
     config checked (unset values, value types) before anything is built, explained errors without a traceback."""
@@ -84,6 +107,10 @@ def run_main(fn: Callable[[DictConfig], T], cfg: DictConfig) -> T:
         check_value_types(cfg)
         try:
             return fn(cfg)
+        except FileNotFoundError as err:
+            if "not a unimm shard set" not in str(err):
+                raise
+            raise UserError(f"{err}\n{shard_set_hint(str(err))}") from err
         except MissingMandatoryValue as err:  # an interpolation reached a ``???`` at run time: name the key
             raise UserError(f"the config value '{err.full_key}' is required but not set; pass it on the command "
                             f"line, e.g. {err.full_key}=...") from err
