@@ -96,5 +96,8 @@ def test_pretraining_losses_and_gradients_match_official(variant, tmp_path, monk
     loss.backward()
     params = dict(model.named_parameters())
     for key in INFO["runs"][variant]["grad_keys"]:
-        ours = params[map_official_key(key)].grad
-        _close(ours, g[f"grad.{key}"], f"gradient of {key}")
+        ours, official = params[map_official_key(key)].grad, g[f"grad.{key}"]
+        _close(ours, official, f"gradient of {key}")
+        # layer scale 0.1 makes some gradients O(1e-4), where 1e-5 absolute says little: also within 2e-4 of the
+        # tensor's largest entry (measured: <= 7e-5, fp32 summation-order noise through both loss paths)
+        _close(ours, official, f"gradient of {key} (relative)", atol=2e-4 * float(official.abs().max()))
