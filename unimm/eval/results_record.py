@@ -219,7 +219,8 @@ def result_rows(metrics: Mapping[str, float], prefix: str, specs: Mapping[str, A
 
 def headline(rows: list[dict[str, Any]]) -> tuple[str | None, float | None]:
     """The benchmark's one number for the leaderboard: an aggregate (average / overall) when the evaluator wrote
-    one, else the single evaluation's single metric, else the mean of the reported metrics."""
+    one, else the single evaluation's single metric, else the mean of the reported metrics, else the first metric
+    the evaluator wrote."""
     aggregates = {r["metric"]: r["value"] for r in rows if r["evaluation"] == ""}
     for name in HEADLINE_AGGREGATES:
         if name in aggregates:
@@ -229,6 +230,8 @@ def headline(rows: list[dict[str, Any]]) -> tuple[str | None, float | None]:
     reported = [r["value"] for r in rows if r["reported"]]
     if reported:
         return "mean of reported", sum(reported) / len(reported)
+    if rows:  # e.g. k-NN top1@k for several k: the first the evaluator reports (the smallest k)
+        return f"{rows[0]['evaluation']}/{rows[0]['metric']}".strip("/"), rows[0]["value"]
     return None, None
 
 
