@@ -28,6 +28,10 @@ Environment: /work/golden/envs/e_official (Python 3.11, torch 2.14.1 run on CPU,
 4.21.3 (OPT / CLIP vision forward unchanged for these inputs), torchvision 0.29.1, einops).
 
 Rerun (writes tests/golden/fromage/):
+  python3 -m venv /work/golden/envs/e_official
+  /work/golden/envs/e_official/bin/pip install torch==2.14.1 torchvision==0.29.1 transformers==4.36.2 \\
+      timm==0.4.12 tokenizers==0.15.2 einops==0.8.2 scipy==1.17.1 safetensors==0.8.0 numpy==2.4.6 \\
+      pillow==13.0.0 faiss-cpu==1.15.1 torchmetrics==1.9.0 ftfy==6.3.1 regex
   git --git-dir=<fromage mirror> archive b36a1889e16cb9486e83e1853dce68ab653068c9 -- fromage | tar -x -C /tmp/fromage
   /work/golden/envs/e_official/bin/python tests/golden/scripts/fromage.py /tmp/fromage
 """
@@ -60,7 +64,13 @@ class StandInTokenizer:
 
 
 def backbones(folder: Path) -> tuple[Path, Path]:
-    from transformers import CLIPFeatureExtractor, CLIPVisionConfig, CLIPVisionModel, OPTConfig, OPTForCausalLM
+    from transformers import (
+        CLIPFeatureExtractor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        OPTConfig,
+        OPTForCausalLM,
+    )
 
     torch.manual_seed(0)
     opt = OPTForCausalLM(OPTConfig(vocab_size=V0, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

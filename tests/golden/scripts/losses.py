@@ -22,10 +22,14 @@ whose ``logit_scale`` is a parameter. Every line of ``compute_inbatch_contrastiv
 Environment: /work/golden/envs/e_official (Python 3.11, torch 2.14.1 run on CPU).
 
 Rerun (writes tests/golden/losses/losses.safetensors and losses.json):
+  python3 -m venv /work/golden/envs/e_official
+  /work/golden/envs/e_official/bin/pip install torch==2.14.1 torchvision==0.29.1 transformers==4.36.2 \\
+      timm==0.4.12 tokenizers==0.15.2 einops==0.8.2 scipy==1.17.1 safetensors==0.8.0 numpy==2.4.6 \\
+      pillow==13.0.0 faiss-cpu==1.15.1 torchmetrics==1.9.0 ftfy==6.3.1 regex
   git --git-dir=<UniIR mirror> archive 98dc570c2645fec8e1fd42c7d4ac9853f46051fd | tar -x -C /tmp/uniir
   git --git-dir=<VLM2Vec mirror> archive 6e1e1d42d4cba85ae4db4d3f7a25cba2465d1e16 | tar -x -C /tmp/vlm2vec
   git --git-dir=<CLIP mirror> archive d05afc436d78f1c48dc0dbf8e5980a9d471f35f6 | tar -x -C /tmp/openai_clip
-  /work/golden/envs/e_official/bin/python tests/golden/scripts/losses.py --uniir /tmp/uniir --vlm2vec /tmp/vlm2vec \
+  /work/golden/envs/e_official/bin/python tests/golden/scripts/losses.py --uniir /tmp/uniir --vlm2vec /tmp/vlm2vec \\
       --clip /tmp/openai_clip
 """
 

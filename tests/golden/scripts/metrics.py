@@ -18,6 +18,10 @@ checkout as it is.
 Environment: /work/golden/envs/e_official (Python 3.11, numpy 2.x, faiss-cpu 1.15.1).
 
 Rerun (writes tests/golden/metrics/metrics.json):
+  python3 -m venv /work/golden/envs/e_official
+  /work/golden/envs/e_official/bin/pip install torch==2.14.1 torchvision==0.29.1 transformers==4.36.2 \\
+      timm==0.4.12 tokenizers==0.15.2 einops==0.8.2 scipy==1.17.1 safetensors==0.8.0 numpy==2.4.6 \\
+      pillow==13.0.0 faiss-cpu==1.15.1 torchmetrics==1.9.0 ftfy==6.3.1 regex
   git --git-dir=<UniIR mirror> archive 98dc570c2645fec8e1fd42c7d4ac9853f46051fd | tar -x -C /tmp/uniir
   git --git-dir=<VLM2Vec mirror> archive 61dd9cbc0603a80e1f3379379b3488ca18046a54 | tar -x -C /tmp/vlm2vec_v1
   /work/golden/envs/e_official/bin/python tests/golden/scripts/metrics.py --uniir /tmp/uniir --vlm2vec-v1 /tmp/vlm2vec_v1

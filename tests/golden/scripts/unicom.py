@@ -18,6 +18,10 @@ Environment: /work/golden/envs/e_official (Python 3.11, torch 2.14.1 CPU/CUDA bu
 torchvision 0.29.1).
 
 Rerun (writes tests/golden/unicom/unicom.safetensors and unicom.json):
+  python3 -m venv /work/golden/envs/e_official
+  /work/golden/envs/e_official/bin/pip install torch==2.14.1 torchvision==0.29.1 transformers==4.36.2 \\
+      timm==0.4.12 tokenizers==0.15.2 einops==0.8.2 scipy==1.17.1 safetensors==0.8.0 numpy==2.4.6 \\
+      pillow==13.0.0 faiss-cpu==1.15.1 torchmetrics==1.9.0 ftfy==6.3.1 regex
   git --git-dir=<unicom mirror> archive ae7141123532a471f082753b993e8d504104a6fb -- . ':!mlcd_vl' | tar -x -C /tmp/unicom
   /work/golden/envs/e_official/bin/python tests/golden/scripts/unicom.py /tmp/unicom
 """

@@ -34,6 +34,10 @@ in place of 4.8.1: VLMo uses only ``BertConfig``, ``BertEmbeddings`` with ``posi
 logging metrics only).
 
 Rerun (writes tests/golden/vlmo/vlmo_{rel,abs}.safetensors and vlmo.json):
+  python3 -m venv /work/golden/envs/e_official
+  /work/golden/envs/e_official/bin/pip install torch==2.14.1 torchvision==0.29.1 transformers==4.36.2 \\
+      timm==0.4.12 tokenizers==0.15.2 einops==0.8.2 scipy==1.17.1 safetensors==0.8.0 numpy==2.4.6 \\
+      pillow==13.0.0 faiss-cpu==1.15.1 torchmetrics==1.9.0 ftfy==6.3.1 regex
   git --git-dir=<unilm mirror> archive 8b810f5fb68c69f939dbdc5dd2c5554db4ae9947 vlmo | tar -x -C /tmp/unilm
   /work/golden/envs/e_official/bin/python tests/golden/scripts/vlmo.py /tmp/unilm/vlmo
 """
