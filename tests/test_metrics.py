@@ -82,3 +82,14 @@ def test_precision_at_1():
         np.array([0.3, 0.1, 0.3, 0.8]),
     ]
     assert precision_at_1(rows) == pytest.approx(50.0)
+
+
+def test_no_positive_counts_as_a_miss_when_asked():
+    """UniIR's rule (compute_recall_at_k: no relevant doc -> 0): the query stays in the denominator."""
+    from unimm.eval.metrics import count_no_positive
+
+    m = retrieval_metrics(np.array([[0, 1], [1, 0]]), [{0}, set()], ks=[1, 2], no_positive="miss")
+    assert m == {"hit@1": 50.0, "recall@1": 50.0, "hit@2": 50.0, "recall@2": 50.0}
+    assert count_no_positive([{0}, set(), set()]) == 2
+    with pytest.raises(ValueError, match="no_positive"):
+        retrieval_metrics(np.array([[0]]), [{0}], ks=[1], no_positive="skip")
