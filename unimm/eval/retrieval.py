@@ -32,7 +32,7 @@ from unimm.eval.cache import CACHE_FORMAT, cache_key, claim, describe, release, 
 from unimm.eval.index import EmbeddingIndex
 from unimm.eval.metrics import count_no_positive, retrieval_metrics
 from unimm.eval.per_query import PerQueryWriter, safe_name
-from unimm.eval.report import markdown_table, retrieval_grid, write_metrics_json
+from unimm.eval.report import grid_title, markdown_table, retrieval_grid, write_metrics_json
 from unimm.utils.batches import to_device
 from unimm.utils.progress import counter, is_rank_zero, track
 
@@ -131,6 +131,8 @@ class RetrievalEvaluator:
         per_query_top_k: results written per query in ``per_query/`` (None = the largest reported k, at least 10).
         cache_wait_s: how long to wait for another process writing the same embedding cache before embedding
             into a private one (:func:`unimm.eval.cache.claim`).
+        cache_dir: where embedding caches live (None = ``<output_dir>/embeddings``). Caches are keyed by content
+            (weights, processor, shard set), so one folder can be shared by runs and benchmarks safely.
     """
 
     def __init__(
@@ -145,6 +147,7 @@ class RetrievalEvaluator:
         prefix: str = "val",
         per_query_top_k: int | None = None,
         cache_wait_s: float = 600.0,
+        cache_dir: str | os.PathLike | None = None,
     ):
         self.benchmark = benchmark
         self.evaluations = list(evaluations) if evaluations else None
@@ -156,6 +159,7 @@ class RetrievalEvaluator:
         self.prefix = prefix
         self.per_query_top_k = per_query_top_k
         self.cache_wait_s = cache_wait_s
+        self.cache_dir = cache_dir
         self._index: tuple[Embeddings, EmbeddingIndex] | None = None  # (pool, its index) while run() is in progress
         self._model_key: tuple[object, dict] | None = None  # (module, its cache-key parts) while run() is in progress
         self._last: dict = {}  # the last score(): result scores aligned with the ranking, no-positive count
@@ -167,9 +171,8 @@ class RetrievalEvaluator:
         self._index, self._model_key, self._last = None, None, {}
         self.accounting, self._reported = {}, set()
 
-    @staticmethod
-    def cache_root(output_dir: str | os.PathLike) -> Path:
-        return Path(output_dir) / "embeddings"
+    def cache_root(self, output_dir: str | os.PathLike) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(output_dir) / "embeddings"
 
     def cache_parts(self, module, datamodule, shard_set: str, side: str) -> dict:
         """Everything that determines the embeddings of ``shard_set`` (hashed into the cache folder name)."""
@@ -343,7 +346,8 @@ class RetrievalEvaluator:
                     table[(row, metric)] = value
                 table[(row, f"R@{spec.report_k}")] = metrics[f"hit@{spec.report_k}"]
                 if self.grid_queries:
-                    grids[name] = self._grid(queries, pools[spec.pool], ranked, positives)
+                    grids[name] = self._grid(queries, pools[spec.pool], ranked, positives,
+                                             title=grid_title(bench.name, row, module, tag))
         if was_training:
             module.train()
         if is_rank_zero():
@@ -441,7 +445,8 @@ class RetrievalEvaluator:
         return spec.pool_path
 
     # -- output --------------------------------------------------------------------------------------------
-    def _grid(self, queries: Embeddings, pool: Embeddings, ranked: np.ndarray, positives: list[set[int]]):
+    def _grid(self, queries: Embeddings, pool: Embeddings, ranked: np.ndarray, positives: list[set[int]],
+              title: str | None = None):
         n = min(self.grid_queries, len(queries.keys))
         wanted: dict[str, set[str]] = {}
         for q in range(n):
@@ -450,15 +455,16 @@ class RetrievalEvaluator:
                 if c >= 0:
                     wanted.setdefault(pool.shards[c], set()).add(pool.keys[c])
         records = fetch_records(wanted)
-        rows = []
+        rows, notes = [], []
         for q in range(n):
             query = records[queries.keys[q]]
-            item = query.sides["query"]
-            if query.instruction:  # the query's own text first: it is what differs between rows
-                item = type(item)(text=f"{item.text or ''} [{query.instruction}]".strip(), image=item.image)
+            # the tile shows the query's own text (e.g. the it2i modification); the instruction goes aside (a
+            # header line when shared by the rows): on the tile it crowded out the text that differs between rows
+            notes.append(query.instruction)
             cands = [int(c) for c in ranked[q, : self.grid_k] if c >= 0]
-            rows.append((item, [records[pool.keys[c]].sides["cand"] for c in cands], [c in positives[q] for c in cands]))
-        return retrieval_grid(rows)
+            rows.append((query.sides["query"], [records[pool.keys[c]].sides["cand"] for c in cands],
+                         [c in positives[q] for c in cands]))
+        return retrieval_grid(rows, title=title, notes=notes)
 
     def _report(self, bench_name, rows, table, results, grids, output_dir: Path, logger) -> None:
         columns = sorted({c for (_, c) in table}, key=lambda c: (not c.startswith("R@"), c.split("@")[0], int(c.split("@")[1])))
