@@ -61,7 +61,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         summary = [
             f"run folder: {run_dir}",
-            f"checkpoint: {run_dir / 'checkpoints' / 'last.ckpt'}",
+            f"checkpoint: {last if (last := run_dir / 'checkpoints' / 'last.ckpt').is_file() else 'none written'}",
             f"steps: {trainer.global_step}, time: {time.perf_counter() - started:.1f} s, "
             f"train throughput: {throughput.samples_per_sec:.1f} samples/s",
             guard.summary(),

@@ -113,8 +113,33 @@ def _tile(item: Item, size: int, border: tuple[int, int, int]) -> Image.Image:
     return tile
 
 
+def grid_title(benchmark: str, task: str, module, step: str | int | None) -> str:
+    """The title line of an example grid: benchmark, task, model, step (e.g. ``toy · it2i / toy · UniIRModule
+    (CLIPModel) · step276``)."""
+    model = type(module).__name__
+    encoder = getattr(module, "encoder", None)
+    if encoder is not None and type(encoder).__name__ != model:
+        model += f" ({type(encoder).__name__})"
+    step = f"step {step}" if isinstance(step, int) else (step or "step ?")
+    return " · ".join([benchmark, task, model, step])
+
+
+def _text_lines(lines: Sequence[str], width: int, height: int) -> Image.Image:
+    """A white strip ``width`` x ``height`` with ``lines`` of text, cut with "…" at the right edge."""
+    font = ImageFont.load_default()
+    strip = Image.new("RGB", (width, height), WHITE)
+    pen = ImageDraw.Draw(strip)
+    line_h = font.getbbox("Ag")[3] + 2
+    for i, text in enumerate(lines):
+        while text and font.getlength(text) > width - 4:
+            text = text[:-2] + "…"
+        pen.text((2, 2 + i * line_h), text, fill=BLACK, font=font)
+    return strip
+
+
 def retrieval_grid(rows: Sequence[tuple[Item, Sequence[Item], Sequence[bool]]], tile: int = 128,
-                   max_rows: int = 8) -> Image.Image:
+                   max_rows: int = 8, title: str | None = None, notes: Sequence[str | None] | None = None
+                   ) -> Image.Image:
     """Retrieval examples for a person to look at: one row per query (at most ``max_rows``).
 
     Each row is the query tile (grey frame), a gap of ``tile // 4`` white pixels, then its top-k candidates
@@ -122,21 +147,38 @@ def retrieval_grid(rows: Sequence[tuple[Item, Sequence[Item], Sequence[bool]]], 
 
     Args:
         rows: ``(query, candidates, relevant)`` with ``len(candidates) == len(relevant)``.
+        title: a header line above the rows (benchmark, task, model, step: :func:`grid_title`).
+        notes: per row, text kept off the query tile (the task instruction, so that the tile shows the query's own
+            text): one header line ``instruction: ...`` when every row has the same note, else a line under each row.
     Returns:
-        An RGB image of size ``(tile * (1 + k) + tile // 4, tile * n_rows)``, k the longest candidate list.
+        An RGB image of width ``tile * (1 + k) + tile // 4`` (k the longest candidate list) and height
+        ``tile * n_rows`` plus one text line per header line and per row note.
     """
     if tile < 4 * BORDER:
         raise ValueError(f"tile must be at least {4 * BORDER} pixels, got {tile}")
     rows = list(rows)[:max_rows]
+    notes = list(notes or [])[: len(rows)]
     k = max((len(c) for _, c, _ in rows), default=0)
     gap = tile // 4
-    grid = Image.new("RGB", (tile * (1 + k) + gap, tile * max(1, len(rows))), WHITE)
+    width = tile * (1 + k) + gap
+    line_h = ImageFont.load_default().getbbox("Ag")[3] + 4
+    shared = notes[0] if notes and all(n == notes[0] for n in notes) else None
+    header = ([title] if title else []) + ([f"instruction: {shared}"] if shared else [])
+    per_row = bool(notes) and shared is None and any(notes)
+    row_h = tile + (line_h if per_row else 0)
+    top = line_h * len(header)
+    grid = Image.new("RGB", (width, top + row_h * max(1, len(rows))), WHITE)
+    if header:
+        grid.paste(_text_lines(header, width, top), (0, 0))
     for r, (query, cands, relevant) in enumerate(rows):
         if len(cands) != len(relevant):
             raise ValueError(f"row {r}: {len(cands)} candidates but {len(relevant)} relevance flags")
-        grid.paste(_tile(query, tile, GREY), (0, r * tile))
+        y = top + r * row_h
+        grid.paste(_tile(query, tile, GREY), (0, y))
         for c, (cand, rel) in enumerate(zip(cands, relevant, strict=True)):
-            grid.paste(_tile(cand, tile, GREEN if rel else RED), (tile + gap + c * tile, r * tile))
+            grid.paste(_tile(cand, tile, GREEN if rel else RED), (tile + gap + c * tile, y))
+        if per_row and notes[r]:
+            grid.paste(_text_lines([f"instruction: {notes[r]}"], width, line_h), (0, y + tile))
     return grid
 
 
