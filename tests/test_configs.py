@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from tests.conftest import REPO, run_cli
 from unimm.runtime import missing_keys
+from unimm.utils.config_types import type_errors
 
 CONF = REPO / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -56,6 +57,10 @@ def test_experiment_composes(experiment, tmp_path):
     # everything resolves except values the user must supply (checkpoint paths of real models)
     missing = missing_keys(cfg)
     assert all(key.endswith(("path", "_dir")) for key in missing), missing
+    assert not type_errors(cfg)  # every known numeric key holds a number (the CLI checks this before building)
+    checkpoint = cfg.callbacks.model_checkpoint
+    if "tiny" not in experiment:  # large runs: last.ckpt every N steps, so that a killed job resumes mid-epoch
+        assert checkpoint.every_n_train_steps and checkpoint.every_n_epochs is None, experiment
 
 
 def test_default_root_config_is_the_toy_run(tmp_path):
