@@ -171,6 +171,7 @@ def main() -> None:
     for name, path in (("opt", lm_path), ("clip_vision", clip_path)):
         shutil.rmtree(OUT / name, ignore_errors=True)
         shutil.copytree(path, OUT / name)
+    model.lm.config._name_or_path = "facebook/opt-golden"  # not the temporary folder: reruns give the same files
     model.lm.save_pretrained(OUT / "opt")  # the resized LM (62 rows), with the new rows set above
     import transformers
     info = {"official": {"repo": "kohjingyu/fromage", "commit": COMMIT},
