@@ -26,6 +26,9 @@ from unimm.models.fusion import BLIPFeatureFusion, CLIPScoreFusion
 ROOT = Path(__file__).resolve().parents[1]
 GOLD = ROOT / "tests" / "golden" / "uniir"
 TOL = 1e-5
+# BLIP_FF embeddings: unimm runs the same fp32 ops as the official code (measured difference 0.0 on the recording
+# machine); 2e-6 still separates BLIP's ViT LayerNorm eps 1e-6 from the 1e-5 of HF BLIP folders (7.5e-6 here).
+TOL_BLIP_EMBED = 2e-6
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,11 @@ def _optimizer():
 # -- CLIP_SF -------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def clip_sf(golden):
-    _, meta = golden
+    return build_clip_sf(golden[1])
+
+
+def build_clip_sf(meta: dict) -> UniIRModule:
+    """The golden CLIP_SF's shape built by unimm, the official .pth loaded through unimm's loader."""
     t = meta["clip_tiny"]
     encoder = clip_from_config(
         dict(vocab_size=t["vocab_size"], hidden_size=t["transformer_width"], intermediate_size=4 * t["transformer_width"],
@@ -137,7 +144,11 @@ def test_clip_sf_in_batch_loss(golden, clip_sf):
 # -- BLIP_FF -------------------------------------------------------------------------------------------------------
 @pytest.fixture()
 def blip_ff(golden):
-    _, meta = golden
+    return build_blip_ff(golden[1])
+
+
+def build_blip_ff(meta: dict) -> UniIRModule:
+    """The golden BLIP_FF's shape built by unimm (momentum loss of the UniIR BLIP configs), official .pth loaded."""
     text, vit = meta["blip_text"], meta["blip_vit"]
     encoder = blip_from_config(
         dict(vocab_size=text["vocab_size"], hidden_size=text["hidden_size"], encoder_hidden_size=text["encoder_width"],
@@ -171,7 +182,7 @@ def test_blip_ff_embeddings(golden, blip_ff):
     query, pos = _blip_sides(golden)
     with torch.no_grad():
         got = torch.cat([blip_ff.fusion(blip_ff.encoder, query), blip_ff.fusion(blip_ff.encoder, pos)])
-    assert _max_diff(got, tensors["blip_ff/embeddings"]) <= TOL
+    assert _max_diff(got, tensors["blip_ff/embeddings"]) <= TOL_BLIP_EMBED
 
 
 def test_blip_ff_loss_and_gradients(golden, blip_ff):

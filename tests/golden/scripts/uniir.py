@@ -7,15 +7,17 @@ Official code (not copied here; pass the checkouts as arguments):
 - OpenAI CLIP https://github.com/openai/CLIP    commit d05afc436d78f1c48dc0dbf8e5980a9d471f35f6 (the ``clip``
   package UniIR installs: clip.model.CLIP, clip._transform, clip.tokenize)
 
-Environment (/work/golden/envs/uniir, Python 3.11, CPU): torch 2.14.1, torchvision 0.29.1, transformers 4.36.2
-(for BLIP's med.py BERT and UniIR's T5 imports), timm 0.6.13, fairscale 0.4.13, opencv-python-headless (imported by
-BLIP's randaugment), numpy<2, ftfy, regex, scikit-image, safetensors.
+Environment (/work/golden/envs/uniir, Python 3.11, run on the CPU): torch 2.14.1, torchvision 0.29.1,
+transformers 4.36.2 (BLIP's med.py BERT, UniIR's T5 imports), timm 0.6.13, fairscale 0.4.13, opencv-python-headless
+5.0.0 (imported by BLIP's randaugment; it upgrades numpy to 2.4.6), tokenizers 0.15.2, ftfy 6.3.1, regex,
+scikit-image 0.26.0, safetensors 0.8.0, Pillow 13.0.0. The recorded meta.json repeats the main versions.
 
 Rerun:
     python3 -m venv /work/golden/envs/uniir
     /work/golden/envs/uniir/bin/pip install torch==2.14.1 torchvision==0.29.1
     /work/golden/envs/uniir/bin/pip install "numpy<2" transformers==4.36.2 timm==0.6.13 ftfy regex tqdm \\
-        scikit-image safetensors opencv-python-headless packaging
+        scikit-image safetensors
+    /work/golden/envs/uniir/bin/pip install opencv-python-headless packaging
     /work/golden/envs/uniir/bin/pip install --no-build-isolation fairscale==0.4.13
     git clone https://github.com/TIGER-AI-Lab/UniIR /tmp/UniIR && git -C /tmp/UniIR checkout 98dc570c
     git clone https://github.com/openai/CLIP /tmp/CLIP && git -C /tmp/CLIP checkout d05afc43
