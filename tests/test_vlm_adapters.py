@@ -1,6 +1,7 @@
 """Qwen2-VL, LLaVA (1.5 layout) and LLaVA-NeXT adapters on tiny random models: input layout, embeddings that do
 not depend on batch composition or padding side, and LLaVA loading from a folder in the official (xtuner) layout."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -76,24 +77,101 @@ def test_embedding_independent_of_batch_and_padding(name, vocab):
 
 def test_qwen2vl_inputs(vocab):
     proc = qwen2vl_tiny_processor(vocab, image_size=56, padding_side="left")
+    assert proc.image_token == "<|image_pad|>"  # VLM2Vec's format by default
     red, green = images()
     out = proc([f"{proc.image_token} red", "blue"], [[red], []])
     # 56 px -> 4x4 patches of 14 px -> 16 patches, 2x2 merge -> 4 LM tokens
     assert out["image_grid_thw"].tolist() == [[1, 4, 4]]
     assert out["pixel_values"].shape == (16, 3 * 2 * 14 * 14)
-    assert out["mm_token_type_ids"][0].sum() == 4 and out["mm_token_type_ids"][1].sum() == 0
-    # [BOS] <vs> 4 x <pad> <ve> red [EOS] = 9 tokens; "blue" row: [BOS] blue [EOS], left padded by 6
+    # [BOS] 4 x <pad> red [EOS] = 7 tokens; "blue" row: [BOS] blue [EOS], left padded by 4
+    assert out["attention_mask"].tolist()[1] == [0] * 4 + [1] * 3
+    assert out["input_ids"][0, 1:5].eq(proc.image_token_id).all()
+    assert out["mm_token_type_ids"].sum() == 0  # VLM2Vec's prompts: no M-RoPE image positions
+    native = qwen2vl_tiny_processor(vocab, image_size=56, padding_side="left", image_format="native")
+    out = native([f"{native.image_token} red", "blue"], [[red], []])
+    # [BOS] <vs> 4 x <pad> <ve> red [EOS] = 9 tokens
     assert out["attention_mask"].tolist()[1] == [0] * 6 + [1] * 3
-    assert out["input_ids"][0, 2:6].eq(proc.image_token_id).all()
+    assert out["input_ids"][0, 2:6].eq(native.image_token_id).all()
+    assert out["mm_token_type_ids"][0].sum() == 4 and out["mm_token_type_ids"][1].sum() == 0
+    with pytest.raises(ValueError, match="image_format 'chat'"):
+        qwen2vl_tiny_processor(vocab, image_format="chat")
+
+
+def test_qwen2vl_vlm2vec_format_uses_text_positions(vocab):
+    """VLM2Vec's Qwen2-VL prompts carry <|image_pad|> alone; its get_rope_index (src/model/vlm_backbone/qwen2_vl)
+    counts an image only where <|vision_start|> precedes it, so every real token gets the 1-D position 0..n-1.
+    The native format keeps M-RoPE (the 4 image tokens of a 2x2 grid share the temporal position)."""
+    model = tiny_qwen2vl(vocab).eval()
+    red = images()[0]
+    vlm2vec = qwen2vl_tiny_processor(vocab, image_size=56, padding_side="left")
+    inputs = vlm2vec([f"{vlm2vec.image_token} red", "blue"], [[red], []])
+    pos = model.position_ids(inputs)
+    assert pos[0].tolist() == list(range(7)) and pos[1, 4:].tolist() == [0, 1, 2]
+    native = qwen2vl_tiny_processor(vocab, image_size=56, image_format="native")
+    n_inputs = native([f"{native.image_token} red"], [[red]])
+    n_pos = model.position_ids(n_inputs)
+    assert n_pos.shape == (3, 1, 9) and n_pos[0, 0, 2:6].tolist() == [2, 2, 2, 2]  # temporal index of the image
+    with torch.no_grad():
+        a = last_token_pool(model(inputs), inputs["attention_mask"])[0]
+        b = last_token_pool(model(n_inputs), n_inputs["attention_mask"])[0]
+    assert (a - b).abs().max() > 1e-3  # the two formats are different inputs
+
+
+def test_qwen2vl_positions_equal_vlm2vec_get_rope_index(vocab):
+    """Rotary positions of both image formats against VLM2Vec's own Qwen2-VL get_rope_index (recorded by
+    tests/golden/scripts/qwen2vl_positions.py on symbolic rows)."""
+    golden = json.loads((Path(__file__).parent / "golden" / "qwen2vl" / "positions.json").read_text())
+    model = tiny_qwen2vl(vocab)
+    for name, row in golden["rows"].items():
+        proc = qwen2vl_tiny_processor(vocab, image_format="native" if name == "native" else "vlm2vec")
+        tok = proc.tokenizer
+        ids = [proc.pad_token_id if s == "pad" else tok.convert_tokens_to_ids("red") if s == "text"
+               else tok.convert_tokens_to_ids(f"<|{s}|>") for s in row["symbols"]]
+        inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.tensor([[int(s != "pad") for s in
+                                                                                    row["symbols"]]]),
+                  "mm_token_type_ids": torch.tensor([proc.token_type(ids)["mm_token_type_ids"]]),
+                  "image_grid_thw": torch.tensor([golden["image_grid_thw"]])}
+        pos = model.position_ids(inputs)
+        pos = pos.expand(3, *pos.shape[-2:]) if pos.ndim == 2 else pos  # 1-D: the model repeats it 3 times
+        real = inputs["attention_mask"][0].bool()
+        assert [p[0][real].tolist() for p in pos] == row["positions"], name
 
 
 def test_truncation_never_cuts_image_tokens(vocab):
     proc = qwen2vl_tiny_processor(vocab, image_size=56, max_length=6)
     out = proc([f"{proc.image_token} " + "red " * 20], [[images()[0]]])
-    assert out["mm_token_type_ids"].sum() == 4  # all 4 image tokens kept
+    assert out["input_ids"].eq(proc.image_token_id).sum() == 4  # all 4 image tokens kept
     assert out["input_ids"].shape[1] == 6 - 1 + 4  # 6 text-level tokens, the image token expanded to 4
     with pytest.raises(ValueError, match="image tokens after truncation"):
         qwen2vl_tiny_processor(vocab, image_size=56, max_length=3)(["red red red " + proc.image_token], [[images()[0]]])
+
+
+@pytest.mark.parametrize("name", ["llava", "llava_next", "qwen2vl_vlm2vec", "qwen2vl_native"])
+def test_ids_equal_the_native_transformers_processor(name, vocab, monkeypatch):
+    """Same ids and image tensors as transformers' own processor on the same prompt (it expands the image token
+    in the text, then tokenises the whole string once: one BOS, as the adapters), for prompts nothing truncates."""
+    from transformers import LlavaNextProcessor, LlavaProcessor, Qwen2VLProcessor
+
+    if name.startswith("qwen2vl"):
+        proc = qwen2vl_tiny_processor(vocab, image_size=56, image_format=name.split("_")[1])
+        # its video-processor class check needs torchvision (absent here); no video is processed
+        monkeypatch.setattr(Qwen2VLProcessor, "check_argument_for_proper_class", lambda *a: None)
+        native = Qwen2VLProcessor(image_processor=proc.image_processor, tokenizer=proc.tokenizer,
+                                  video_processor=None, chat_template="")
+    else:
+        proc = llava_tiny_processor(vocab) if name == "llava" else llava_next_tiny_processor(vocab)
+        cls = LlavaProcessor if name == "llava" else LlavaNextProcessor
+        native = cls(image_processor=proc.image_processor, tokenizer=proc.tokenizer, patch_size=8,
+                     vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1)
+    red, green = images()
+    for text, imgs in ((f"{proc.image_token} a red digit", [red]), (f"seven {proc.image_token} blue", [green]),
+                       ("a blue digit", [])):
+        ours = proc([text], [imgs])
+        theirs = native(text=[text], images=imgs or None, return_tensors="pt")
+        assert ours["input_ids"].tolist() == theirs["input_ids"].tolist(), text
+        for key in ("pixel_values", "image_grid_thw", "image_sizes"):
+            if key in theirs:
+                torch.testing.assert_close(ours[key], theirs[key], atol=1e-6, rtol=0)
 
 
 def test_llava_next_token_count_matches_model(vocab):

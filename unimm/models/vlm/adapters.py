@@ -154,15 +154,36 @@ class VLMAdapter:
         return out
 
 
+QWEN2VL_IMAGE_FORMATS = {
+    # VLM2Vec (v1 and v2: VLM_IMAGE_TOKENS) swaps MMEB's <|image_1|> for <|image_pad|> alone; its Qwen2-VL
+    # get_rope_index finds images only after <|vision_start|>, so every token gets 1-D text positions
+    "vlm2vec": "<|image_pad|>",
+    # Qwen2-VL's own chat format (transformers' processor and chat template): M-RoPE positions for the image
+    "native": "<|vision_start|><|image_pad|><|vision_end|>",
+}
+
+
 class Qwen2VLAdapter(VLMAdapter):
-    """Qwen2-VL: ``<|vision_start|><|image_pad|><|vision_end|>``, left padding (VLM2Vec), dynamic resolution.
+    """Qwen2-VL: left padding (VLM2Vec), dynamic resolution; the image token depends on ``image_format``.
 
     Each image becomes ``t * h * w`` patches of 14 px (flattened to ``[n_patches, 3 * 2 * 14 * 14]``) and
-    ``t*h*w / merge_size**2`` LM tokens; ``mm_token_type_ids`` marks them (1) for M-RoPE, as transformers 5 requires.
+    ``t*h*w / merge_size**2`` LM tokens. ``mm_token_type_ids`` marks (1) the image tokens that get M-RoPE positions:
+    all of them in the ``native`` format, none in VLM2Vec's (there, as in VLM2Vec, every token gets 1-D positions).
+
+    Args:
+        image_format: ``vlm2vec`` (default): ``<|image_pad|>`` alone, as VLM2Vec's prompts; ``native``:
+            ``<|vision_start|><|image_pad|><|vision_end|>`` with M-RoPE image positions (Qwen2-VL's own format).
     """
 
-    image_token = "<|vision_start|><|image_pad|><|vision_end|>"
     default_padding_side = "left"
+
+    def __init__(self, tokenizer, image_processor, max_length: int = 256, padding_side: str | None = None,
+                 image_format: str = "vlm2vec"):
+        if image_format not in QWEN2VL_IMAGE_FORMATS:
+            raise ValueError(f"image_format {image_format!r}: choose one of {sorted(QWEN2VL_IMAGE_FORMATS)}")
+        self.image_format = image_format
+        self.image_token = QWEN2VL_IMAGE_FORMATS[image_format]
+        super().__init__(tokenizer, image_processor, max_length, padding_side)
 
     def image_token_strip(self) -> str:
         return "<|image_pad|>"
@@ -174,7 +195,8 @@ class Qwen2VLAdapter(VLMAdapter):
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}, counts
 
     def token_type(self, ids):
-        return {"mm_token_type_ids": [int(t == self.image_token_id) for t in ids]}
+        mrope = self.image_format == "native"
+        return {"mm_token_type_ids": [int(mrope and t == self.image_token_id) for t in ids]}
 
 
 class LlavaAdapter(VLMAdapter):
@@ -258,9 +280,13 @@ class VLMBackbone(nn.Module):
 
 
 class Qwen2VLBackbone(VLMBackbone):
-    """Qwen2-VL: M-RoPE positions from ``get_rope_index`` (3D for image tokens, real tokens only)."""
+    """Qwen2-VL: M-RoPE positions from ``get_rope_index`` (3D for the image tokens ``mm_token_type_ids`` marks,
+    real tokens only); 1-D positions when it marks none (text rows, VLM2Vec's ``<|image_pad|>``-only prompts)."""
 
     def position_ids(self, inputs):
+        types = inputs.get("mm_token_type_ids")
+        if types is None or not bool(types.any()):
+            return super().position_ids(inputs)  # [B, L]; the model expands it to its 3 rotary sections
         position_ids, _ = self.model.get_rope_index(
             inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
             attention_mask=inputs["attention_mask"])
@@ -295,24 +321,26 @@ QWEN2VL_SPECIALS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|vi
 
 
 def qwen2vl_tiny_processor(vocab_file: str, image_size: int = 28, max_length: int = 64,
-                           padding_side: str | None = None) -> Qwen2VLAdapter:
+                           padding_side: str | None = None, image_format: str = "vlm2vec") -> Qwen2VLAdapter:
     """Word-level toy tokenizer + Qwen2-VL image processing fixed at ``image_size`` (multiple of 28) pixels."""
     pixels = image_size * image_size
     image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": pixels, "longest_edge": pixels},
                                                patch_size=14, merge_size=2, temporal_patch_size=2)
     return Qwen2VLAdapter(special_token_tokenizer(vocab_file, QWEN2VL_SPECIALS), image_processor, max_length,
-                          padding_side)
+                          padding_side, image_format)
 
 
 def qwen2vl_processor(path: str, max_length: int = 256, padding_side: str | None = None,
-                      min_pixels: int | None = None, max_pixels: int | None = None) -> Qwen2VLAdapter:
-    """Tokenizer and image processor of a local Qwen2-VL folder; ``min/max_pixels`` bound the resize."""
+                      min_pixels: int | None = None, max_pixels: int | None = None,
+                      image_format: str = "vlm2vec") -> Qwen2VLAdapter:
+    """Tokenizer and image processor of a local Qwen2-VL folder; ``min/max_pixels`` bound the resize;
+    ``image_format``: :class:`Qwen2VLAdapter`."""
     require_dir(path)
     size = {k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v is not None}
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True,
                                                                **({"size": size} if size else {}))
     return Qwen2VLAdapter(AutoTokenizer.from_pretrained(path, local_files_only=True), image_processor, max_length,
-                          padding_side)
+                          padding_side, image_format)
 
 
 def tiny_qwen2vl(vocab_file: str, hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
