@@ -8,7 +8,8 @@ Two halves per backbone, because inputs are built in DataLoader workers, far fro
   side, and how a list of prompts + images becomes the backbone's input tensors (Qwen2-VL: flattened patches,
   ``image_grid_thw``, ``mm_token_type_ids``; LLaVA: one fixed-size view; LLaVA-NeXT: anyres tiles,
   ``image_sizes``). Prompts carry one image token per image; the adapter expands it into as many
-  tokens as the image has features, *after* truncating the text to ``max_length`` (image tokens are never cut).
+  tokens as the image has features, *after* truncating the text to ``max_length`` (image tokens are never cut;
+  Phi-3.5-V tokenises image prompts piece-wise and does not truncate them, as its official processor).
 - the **backbone** (``Qwen2VLBackbone``, ``LlavaBackbone``, ``LlavaNextBackbone``,
   :class:`~unimm.models.vlm.phi35v.Phi3VBackbone`)
   wraps the native transformers model without its LM head and returns the last layer's hidden states. It always

@@ -155,7 +155,8 @@ class Phi3VBackbone(VLMBackbone):
 
 # -- input side ---------------------------------------------------------------------------------------------------
 class Phi3VAdapter(VLMAdapter):
-    """Phi-3.5-V: ``<|image_1|>``, right padding (VLM2Vec), HD crops; ``image_mask`` marks the image tokens.
+    """Phi-3.5-V: ``<|image_N|>`` tags, right padding (VLM2Vec), HD crops; ``image_mask`` marks the image tokens.
+    Prompts with images are tokenised piece-wise and not truncated, as the official processor (:meth:`tokenize`).
 
     Args:
         image_processor: a :class:`~unimm.models.vlm.phi35v_crop.Phi35VImageProcessor`.
