@@ -7,6 +7,7 @@ index.json. Expected numbers come from how the test damaged the data, never from
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 from collections import Counter
 
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 from unimm.data.records import Item, make_sample
 from unimm.data.shards import DataError, ShardIndexError, ShardSetWriter, iter_raw_samples, read_index
 from unimm.data.stream import SampleAccounting, ShardStream, Source, StreamStats
+from unimm.utils.errors import is_explained
 
 
 def _write(root, n=400, per_shard=100):
@@ -106,6 +108,32 @@ def test_index_json_with_a_syntax_error_names_the_file(tmp_path):
     (root / "index.json").write_text('{"shards": [{"name": "shard-000000.tar", "count": 10},]}')
     with pytest.raises(ShardIndexError, match=r"s/index\.json is not valid JSON \(line 1 column"):
         read_index(root)
+
+
+def test_index_json_errors_are_explained_errors(tmp_path):
+    """The CLIs print explained errors as one line without a traceback (unimm.utils.errors)."""
+    _write(tmp_path / "s", n=10)
+    (tmp_path / "s" / "index.json").write_text("{")
+    with pytest.raises(ShardIndexError) as err:
+        read_index(tmp_path / "s")
+    assert is_explained(err.value) and isinstance(err.value, ValueError)
+
+
+def test_the_cli_stops_at_an_index_mismatch_with_one_clear_line(toy_data_dir, tmp_path):
+    """data.strict=true, data workers: the shard, its real count and its promise, no traceback."""
+    from tests.conftest import run_cli
+
+    data = tmp_path / "data"
+    shutil.copytree(toy_data_dir, data)
+    for i in range(len(read_index(data / "toy" / "train").shards)):
+        _set_index_count(data / "toy" / "train", i, 99)  # each shard holds 100: every worker stops at its first
+    proc = run_cli("unimm.train", "+experiment=uniir_clip_sf_tiny", f"paths.data_dir={data}",
+                   f"paths.log_dir={tmp_path / 'logs'}", "logger=csv", "eval=none", "data.strict=true",
+                   "data.num_workers=2", "trainer.enable_progress_bar=false", cwd=tmp_path, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert "holds 100 samples but its index.json promises 99 (data.strict=true)" in line
+    assert "in DataLoader worker process" in line and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("data,field", [

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
+from unimm.utils.errors import UserError
+
 INDEX_FILE = "index.json"
 Buffer = bytes | mmap.mmap  # what a shard is read from (collections.abc.Buffer needs Python 3.12)
 FORMAT_VERSION = 1
@@ -50,9 +52,21 @@ class ShardIndex:
         return sum(s.count for s in self.shards)
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """Bad data met with ``strict=True``, a shard set that cannot be read, or a split that cannot work; the
-    message names the file, shard or key (and the field)."""
+    message names the file, shard or key (and the field). The CLIs print it without a traceback."""
+
+    def __init__(self, message: str = ""):
+        # Raised in a DataLoader worker, it comes back to the main process as DataError("Caught DataError in
+        # DataLoader worker process N.\nOriginal Traceback ...\n<module>.DataError: <message>"): keep the message
+        # (the worker's traceback stays in ``worker_traceback``).
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        self.worker_traceback = ""
+        if message.startswith("Caught ") and "Original Traceback" in message and marker in message:
+            self.worker_traceback = message
+            where = message.split("\n", 1)[0].removeprefix(f"Caught {type(self).__name__} ").rstrip(".")
+            message = f"{message.rsplit(marker, 1)[1].strip()} ({where})"
+        super().__init__(message)
 
 
 class ShardIndexError(DataError, ValueError):
