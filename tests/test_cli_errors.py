@@ -73,3 +73,23 @@ def test_report_errors_keeps_tracebacks_of_unexplained_errors(tmp_path, monkeypa
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     with pytest.raises(UserError):
         report_errors(bad_input, tmp_path / "x.log")
+
+
+def test_error_from_a_dataloader_worker_prints_its_own_message(tmp_path, capsys):
+    """A strict-mode data error raised inside a DataLoader worker is re-raised in the main process by torch (with
+    the worker's traceback in its text in some torch versions): the user sees the original message only."""
+    from torch._utils import ExceptionWrapper
+
+    from unimm.data.shards import DataError
+
+    def in_worker():
+        try:
+            raise DataError("shard-00003.tar: sample toy_t2i_000042 has no query (data.strict=true)")
+        except DataError:
+            ExceptionWrapper(where="in DataLoader worker process 0").reraise()
+
+    with pytest.raises(SystemExit):
+        report_errors(in_worker, tmp_path / "x.log")
+    err = capsys.readouterr().err
+    assert err.startswith("error: shard-00003.tar: sample toy_t2i_000042 has no query") and "Traceback" not in err
+    assert "Traceback" in (tmp_path / "x.log").read_text()

@@ -16,17 +16,19 @@ NOISE = ("litlogger", "litmodels", "anonymous setting", "LeafSpec", "transfer_ba
 
 
 def test_console_goes_to_the_run_log_without_noise(toy_data_dir, tmp_path):
-    common = [f"paths.data_dir={toy_data_dir}", f"paths.log_dir={tmp_path}", "data.num_workers=0"]
-    proc = run_cli("unimm.train", "trainer.max_epochs=1", "trainer.limit_train_batches=3", *common, cwd=tmp_path)
+    # the smallest toy evaluation (200 image queries, 120 captions); the re-evaluation reads the same embedding cache
+    common = [f"paths.data_dir={toy_data_dir}", f"paths.log_dir={tmp_path}", "data.num_workers=0",
+              "eval.evaluations=[toy_i2t]", f"eval.cache_dir={tmp_path / 'embeddings'}"]
+    proc = run_cli("unimm.train", "trainer.max_steps=3", *common, cwd=tmp_path)
     console = proc.stdout + proc.stderr
     for noise in NOISE:
         assert noise not in console, noise
     run_dir = single_run_dir(tmp_path, "train")
     log = (run_dir / "train.log").read_text()
     for expected in ("GPU available",          # Lightning's log lines
-                     "[progress] epoch 0/0",   # a plain-text line per epoch for the live progress bar
+                     "[progress] epoch 0/5: step 3",  # a plain-text line per epoch for the live progress bar
                      "[data] epoch 0:",        # data accounting
-                     "| t2i / toy |",          # the results table
+                     "| i2t / toy |",          # the results table
                      "== unimm run summary ==", "non-finite steps skipped: 0 of 3"):
         assert expected in log, (expected, log[-3000:])
     assert "\x1b[" not in log  # no terminal control codes
@@ -34,7 +36,7 @@ def test_console_goes_to_the_run_log_without_noise(toy_data_dir, tmp_path):
     proc = run_cli("unimm.eval", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", *common, cwd=tmp_path)
     assert not [noise for noise in NOISE if noise in proc.stdout + proc.stderr]
     log = (single_run_dir(tmp_path, "eval", "evals") / "cli.log").read_text()
-    assert "| t2i / toy |" in log and "evaluated " in log, log[-3000:]
+    assert "| i2t / toy |" in log and "evaluated " in log, log[-3000:]
 
 
 def test_grid_keeps_the_instruction_off_the_query_tile():

@@ -126,10 +126,11 @@ def instantiate_dict(node: DictConfig | None) -> list[Any]:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list):
-    """The Lightning Trainer of ``cfg.trainer``, with a rich progress bar unless ``trainer.enable_progress_bar=false``
-    (its plain-text epoch lines go to the run's log file, see :class:`~unimm.training.callbacks.ProgressLog`)."""
+    """The Lightning Trainer of ``cfg.trainer``, with a rich progress bar unless ``trainer.enable_progress_bar=false``;
+    plain-text epoch lines go to the run's log file either way (:class:`~unimm.training.callbacks.ProgressLog`)."""
+    callbacks = [*callbacks, ProgressLog()]
     if cfg.trainer.get("enable_progress_bar", True):
-        callbacks = [*callbacks, RichProgressBar(leave=True), ProgressLog()]
+        callbacks = [*callbacks, RichProgressBar(leave=True)]
     if cfg.trainer.get("enable_model_summary", True):
         callbacks = [*callbacks, ModelSummary()]  # Lightning's, less its FLOPs row that is always 0 here
     strategy = instantiate(cfg.strategy) if cfg.get("strategy") else "auto"

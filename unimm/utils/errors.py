@@ -7,6 +7,7 @@ always written to the run's log file, so nothing is lost by keeping the console 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -34,8 +35,17 @@ def is_explained(err: BaseException) -> bool:
     return bool(frames) and frames[-1].filename.startswith(PACKAGE_DIR)
 
 
+_WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):\n"
+
+
 def _message(err: BaseException) -> str:
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)  # KeyError quotes its message
+    if _WORKER_TRACEBACK in text:  # re-raised from a DataLoader worker: keep the original message, not its stack
+        lines = text.split(_WORKER_TRACEBACK, 1)[1].splitlines()
+        name = type(err).__name__
+        starts = [i for i, line in enumerate(lines) if re.match(rf"^([\w.]+\.)?{name}: ", line)]
+        if starts:
+            text = "\n".join(lines[starts[-1]:]).split(": ", 1)[1]
     return text or type(err).__name__
 
 
