@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests._word_modules import OneHotWordModule
 from tests.conftest import run_cli, single_run_dir
@@ -138,3 +139,39 @@ def test_make_train_leaves_run_files_beside_metrics_json(toy_data_dir, tmp_path)
     # logged to wandb (the default logger, offline) as an artifact
     wandb_files = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert wandb_files and b"per_query-toy" in Path(wandb_files[0]).read_bytes()
+
+
+class PixelEncoder(torch.nn.Module):
+    """The first 48 pixel values of an image as its embedding: a fixed encoder whose neighbours are known."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def encode_candidate(self, side):
+        return side["pixel_values"].flatten(1)[:, :48]
+
+
+def test_image_retrieval_writes_per_query_outputs(toy_data_dir, tmp_path):
+    """Leave-one-out label retrieval (UNICOM / MLCD protocol): positives are the same-label images, never the query."""
+    from unimm.eval.probe import ImageRetrievalEvaluator
+
+    dm = ShardDataModule({}, functools.partial(RetrievalCollator, use_instruction=False), num_workers=0,
+                         eval_batch_size=64)
+    dm.attach_processor(word_level_processor(str(toy_data_dir / "toy" / "vocab.txt")))
+    pool = toy_data_dir / "toy" / "eval" / "pools" / "toy_images"
+    metrics = ImageRetrievalEvaluator("toy_digits", {"path": str(pool), "sides": ["cand"]}, ks=[1, 5]).run(
+        PixelEncoder(), dm, tmp_path, tag="step0")
+    folder = tmp_path / "per_query"
+    entry = json.loads((folder / "manifest.json").read_text())["evaluations"]["toy_digits"]
+    assert (entry["metric"], entry["k"], entry["pool"]) == ("retrieval/recall@1", 10, str(pool))
+    rows = [json.loads(line) for line in (folder / "toy_digits.jsonl").read_text().splitlines()]
+    assert all(r["qid"] not in r["ranked"] and r["qid"] not in r["positives"] for r in rows)
+    for k in (1, 5):
+        assert 100 * sum(r["hit"][str(k)] for r in rows) / len(rows) == \
+            pytest.approx(metrics[f"val/toy_digits/retrieval/recall@{k}"])
+    assert len(read_trec(folder / "toy_digits.trec")) == len(rows)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from unimm.eval.index import EmbeddingIndex
+from unimm.eval.per_query import PerQueryWriter
 from unimm.eval.report import markdown_table, publish
 from unimm.losses.distributed import gather_no_grad
 from unimm.utils.progress import is_rank_zero
@@ -37,16 +38,27 @@ def key_hash(key: str) -> int:
     return zlib.crc32(key.encode())
 
 
+def _gather_keys(keys: list[str]) -> list[str]:
+    """Every rank's record keys, in rank order (the order of :func:`gather_no_grad`)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return keys
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, keys)
+    return [k for part in parts for k in part]
+
+
 @torch.no_grad()
-def embed_labelled(module, datamodule, shard_set: Mapping[str, Any], label_key: str, with_key_hash: bool = False
-                   ) -> tuple[torch.Tensor, ...]:
+def embed_labelled(module, datamodule, shard_set: Mapping[str, Any], label_key: str, with_key_hash: bool = False,
+                   with_keys: bool = False) -> tuple:
     """Features ``[N, D]`` (float32, CPU) and integer labels ``[N]`` of every record of a set, from all ranks;
-    with ``with_key_hash`` also :func:`key_hash` of every record's key ``[N]`` (int64)."""
+    with ``with_key_hash`` also :func:`key_hash` of every record's key ``[N]`` (int64); with ``with_keys`` also
+    the record keys (a list of N str, last)."""
     sides = tuple(shard_set.get("sides", ("cand",)))
-    feats, labels, hashes = [], [], []
+    feats, labels, hashes, keys = [], [], [], []
     for batch in datamodule.eval_loader(shard_set["path"], sides=sides):
         if not batch["keys"]:
             continue
+        keys += batch["keys"]
         # ClusterLabelCollator puts the chosen image under "image"; RetrievalCollator under the side's name
         side = batch["image"] if "image" in batch else batch[sides[0]]
         side = {k: v.to(module.device) if isinstance(v, torch.Tensor) else v for k, v in side.items()}
@@ -56,7 +68,8 @@ def embed_labelled(module, datamodule, shard_set: Mapping[str, Any], label_key: 
     if not feats:
         raise ValueError(f"no records with an image on sides {list(sides)} in {shard_set['path']}")
     out = [gather_no_grad(torch.cat(t)).cpu() for t in (feats, labels, hashes)]
-    return tuple(out) if with_key_hash else tuple(out[:2])
+    out = out if with_key_hash else out[:2]
+    return (*out, _gather_keys(keys)) if with_keys else tuple(out)
 
 
 def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, c: float = 0.601,
@@ -207,32 +220,71 @@ class ImageRetrievalEvaluator(_FrozenFeatureEvaluator):
 
     def __init__(self, name: str, query: Mapping[str, Any], gallery: Mapping[str, Any] | None = None,
                  label_key: str = "digit", ks: Sequence[int] = (1,), index: Mapping[str, Any] | None = None,
-                 prefix: str = "val"):
+                 prefix: str = "val", per_query_top_k: int | None = None):
         super().__init__(name, label_key, prefix)
         self.query, self.gallery = dict(query), dict(gallery) if gallery else None
         self.ks, self.index_kwargs = list(ks), dict(index or {})
+        self.per_query_top_k = per_query_top_k
+        self._ranking: dict | None = None  # the last score()'s ranking, for the per-query outputs
 
     def score(self, module, datamodule) -> dict[str, float]:
-        query_x, query_y = embed_labelled(module, datamodule, self.query, self.label_key)
-        gallery_x, gallery_y = (query_x, query_y) if self.gallery is None else \
-            embed_labelled(module, datamodule, self.gallery, self.label_key)
-        return recall_at_k(query_x.numpy(), query_y.numpy(), gallery_x.numpy(), gallery_y.numpy(), self.ks,
-                           leave_one_out=self.gallery is None, index_kwargs=self.index_kwargs)
+        query_x, query_y, query_keys = embed_labelled(module, datamodule, self.query, self.label_key, with_keys=True)
+        gallery_x, gallery_y, gallery_keys = (query_x, query_y, query_keys) if self.gallery is None else \
+            embed_labelled(module, datamodule, self.gallery, self.label_key, with_keys=True)
+        depth = self.per_query_top_k or max(max(self.ks), 10)
+        ranking: dict = {}
+        metrics = recall_at_k(query_x.numpy(), query_y.numpy(), gallery_x.numpy(), gallery_y.numpy(), self.ks,
+                              leave_one_out=self.gallery is None, index_kwargs=self.index_kwargs, depth=depth,
+                              ranking=ranking)
+        self._ranking = {**ranking, "query_keys": query_keys, "gallery_keys": gallery_keys,
+                         "query_y": query_y.numpy(), "gallery_y": gallery_y.numpy(), "k": depth}
+        return metrics
+
+    def run(self, module, datamodule, output_dir: str | os.PathLike, logger=None, tag: str = "") -> dict[str, float]:
+        """The base run, then ``per_query/<name>.trec`` / ``.jsonl`` and the manifest (docs/per_query_outputs.md);
+        positives of a query are the gallery records with its label (itself excluded when leave-one-out)."""
+        results = super().run(module, datamodule, output_dir, logger=logger, tag=tag)
+        if is_rank_zero() and self._ranking is not None:
+            r = self._ranking
+            loo = self.gallery is None
+            positives = [{int(j) for j in np.flatnonzero(r["gallery_y"] == y) if not (loo and j == q)}
+                         for q, y in enumerate(r["query_y"])]
+            main = f"retrieval/recall@{self.ks[0]}"
+            writer = PerQueryWriter(output_dir, self.name, tag)
+            writer.pool(self.name, dataset=self.name, task="i2i", query_modality="image", query_keys=r["query_keys"],
+                        query_metas=[{}] * len(r["query_keys"]), pool_keys=r["gallery_keys"], ranked=r["ranked"],
+                        scores=r["scores"], positives=positives, ks=self.ks, k=min(r["k"], r["ranked"].shape[1]),
+                        queries_path=str(self.query["path"]),
+                        pool_path=str((self.gallery or self.query)["path"]), metric=main,
+                        value=results[f"{self.prefix}/{self.name}/{main}"])
+            writer.close(logger)
+        self._ranking = None
+        return results
 
 
 def recall_at_k(query_x: np.ndarray, query_y: np.ndarray, gallery_x: np.ndarray, gallery_y: np.ndarray,
-                ks: Sequence[int], leave_one_out: bool, index_kwargs: Mapping[str, Any] | None = None) -> dict[str, float]:
+                ks: Sequence[int], leave_one_out: bool, index_kwargs: Mapping[str, Any] | None = None,
+                depth: int = 0, ranking: dict | None = None) -> dict[str, float]:
     """Recall@k (%): share of queries with a same-label item among their k nearest gallery items.
 
-    With ``leave_one_out`` the gallery is the query set and each query's own row is excluded.
+    With ``leave_one_out`` the gallery is the query set and each query's own row is excluded. ``ranking`` (a dict),
+    when given, receives the search results ``ranked`` / ``scores`` ``[Q, max(max(ks), depth)]`` (gallery rows,
+    -1 = none).
     """
     index = EmbeddingIndex(gallery_x.shape[1], **dict(index_kwargs or {}))
     index.add(gallery_x)
-    k_max = max(ks) + int(leave_one_out)
-    _, ranked = index.search(np.asarray(query_x, np.float32), min(k_max, len(gallery_x)))
+    width = max(max(ks), depth)
+    k_max = width + int(leave_one_out)
+    scores, ranked = index.search(np.asarray(query_x, np.float32), min(k_max, len(gallery_x)))
     if leave_one_out:
         own = ranked == np.arange(len(query_x))[:, None]
-        # drop the query itself (wherever a tie put it), keep the first max(ks) others
-        ranked = np.stack([row[~mask][: max(ks)] for row, mask in zip(ranked, own)])
+        # drop the query itself (wherever a tie put it), keep the first `width` others; a row that did not find
+        # itself (a tie beyond the search depth of a small gallery) is one longer: all are cut to the same width
+        keep = min(width, min(int((~mask).sum()) for mask in own)) if len(own) else width
+        scores = np.stack([row[~mask][:keep] for row, mask in zip(scores, own)])
+        ranked = np.stack([row[~mask][:keep] for row, mask in zip(ranked, own)])
+    if ranking is not None:
+        ranking.update(ranked=ranked, scores=scores)
+    ranked = ranked[:, : max(ks)]
     hits = (ranked >= 0) & (gallery_y[ranked.clip(min=0)] == query_y[:, None])
     return {f"retrieval/recall@{k}": 100.0 * float(hits[:, :k].any(axis=1).mean()) for k in ks}
