@@ -101,3 +101,55 @@ def test_pretraining_losses_and_gradients_match_official(variant, tmp_path, monk
         # layer scale 0.1 makes some gradients O(1e-4), where 1e-5 absolute says little: also within 2e-4 of the
         # tensor's largest entry (measured: <= 7e-5, fp32 summation-order noise through both loss paths)
         _close(ours, official, f"gradient of {key} (relative)", atol=2e-4 * float(official.abs().max()))
+
+
+def _finetune_model(tmp_path: Path) -> tuple[VLMo, dict[str, torch.Tensor]]:
+    """The ``rel`` size with VQA (5 answers) and NLVR2 heads; the official fine-tuning model has no VL-FFN ITC
+    projections, ITM or MLM heads, so those load as allowed-missing."""
+    shared = {k: v for k, v in load_file(str(HERE / "vlmo_rel.safetensors")).items() if k.startswith("inputs.")}
+    g = {**shared, **load_file(str(HERE / "vlmo_ft.safetensors"))}  # the same text / image inputs as the rel run
+    size, options = INFO["size"], INFO["variants"]["rel"]
+    config = VLMoConfig(vocab_size=INFO["vocab_size"], hidden_size=size["embed_dim"], num_layers=size["depth"],
+                        num_heads=size["num_heads"], mlp_ratio=size["mlp_ratio"], image_size=size["img_size"],
+                        patch_size=size["patch_size"], max_text_len=INFO["max_text_len"],
+                        max_text_len_of_initckpt=INFO["max_text_len_of_initckpt"],
+                        vlffn_start_layer=size["vlffn_start_layer_index"], layer_scale_init=options["layer_scale_init_values"],
+                        drop_path_rate=0.0, mlm=False, vqa_num_answers=INFO["finetune"]["vqa_answers"], nlvr2=True,
+                        num_token_types=3)
+    path = tmp_path / "vlmo_ft.pt"
+    torch.save({k.removeprefix("state."): v for k, v in g.items() if k.startswith("state.")}, path)
+    model = VLMo(config)
+    load_official_vlmo(model, path, allow_missing=["heads.itc.vl_image", "heads.itc.vl_text",
+                                                   "heads.itc.logit_vl_scale", "heads.itm"])
+    return model, g
+
+
+@pytest.mark.parametrize("task", ["irtr", "vqa", "nlvr2"])
+def test_finetuning_losses_and_gradients_match_official(task, tmp_path):
+    model, g = _finetune_model(tmp_path)
+    ft = INFO["finetune"]
+    ids, mask, px = g["inputs.text_ids"], g["inputs.text_masks"], g["inputs.pixel_values"]
+    rows = torch.arange(len(ids))
+    side = {"input_ids": ids, "attention_mask": mask, "pixel_values": px, "text_rows": rows, "image_rows": rows,
+            "size": len(ids)}
+    module = VLMoModule(model, optimizer=partial(torch.optim.AdamW, lr=1e-4), stage=task)
+    if task == "irtr":
+        batch = {"pairs": {"input_ids": ids, "attention_mask": mask, "pixel_values": px}}
+    elif task == "vqa":
+        meta = [{"answer_labels": a, "answer_scores": s} for a, s in zip(ft["vqa"]["vqa_labels"], ft["vqa"]["vqa_scores"])]
+        batch = {"query": side, "meta": meta}
+        with torch.no_grad():
+            _close(module.vqa_logits(side), g["vqa.logits"], "VQA logits")
+    else:
+        second = {"pixel_values": g["inputs.second_pixel_values"]}
+        batch = {"query": side, "image1": second, "meta": [{"label": a} for a in ft["answers"]]}
+        with torch.no_grad():
+            _close(module.nlvr2_logits(side, second), g["nlvr2.logits"], "NLVR2 logits")
+    loss, _ = module.compute_loss(batch)
+    _close(loss.detach(), g[f"{task}.loss"], f"{task} loss")
+    loss.backward()
+    params = dict(model.named_parameters())
+    for key in ft["grad_keys"][task]:
+        ours, official = params[map_official_key(key)].grad, g[f"{task}.grad.{key}"]
+        _close(ours, official, f"{task} gradient of {key}")
+        _close(ours, official, f"{task} gradient of {key} (relative)", atol=2e-4 * float(official.abs().max()))

@@ -18,6 +18,9 @@ hidden states, ITC features of the expert and VL-FFN CLS), ``infer`` (joint hidd
 logits, then one ``forward`` with ``current_tasks = [mlm, itc, itm]`` (pretraining): the three losses (``mlm_loss``
 already x0.25 as in ``compute_mlm``), the hard negatives drawn by ``compute_itm_hardneg`` with the sampling
 weights they were drawn from, and gradients of the summed loss (``training_step``) for selected parameters.
+A third model (``rel`` size with the fine-tuning heads: ``irtr``, ``vqa`` with 5 answers, ``nlvr2`` with its third
+token type) records one ``forward`` per fine-tuning task: ``compute_irtr``, ``compute_vqa`` (soft-score BCE x
+answers), ``compute_nlvr2`` (two joint passes, image token types 1 and 2): losses, logits and gradients.
 
 Shims, all in this script, none can change a number:
   - ``pytorch_lightning`` (1.5.5 does not import beside torch 2.x) is a stub module: ``LightningModule`` is
@@ -33,7 +36,7 @@ in place of 4.8.1: VLMo uses only ``BertConfig``, ``BertEmbeddings`` with ``posi
 ``"absolute"`` and ``BertPredictionHeadTransform``, whose forward is the same in both; torchmetrics 1.x for the
 logging metrics only).
 
-Rerun (writes tests/golden/vlmo/vlmo_{rel,abs}.safetensors and vlmo.json):
+Rerun (writes tests/golden/vlmo/vlmo_{rel,abs,ft}.safetensors and vlmo.json):
   python3 -m venv /work/golden/envs/e_official
   /work/golden/envs/e_official/bin/pip install torch==2.14.1 torchvision==0.29.1 transformers==4.36.2 \\
       timm==0.4.12 tokenizers==0.15.2 einops==0.8.2 scipy==1.17.1 safetensors==0.8.0 numpy==2.4.6 \\
@@ -130,11 +133,15 @@ def register_tiny(variant: str) -> str:
     return name
 
 
-def config(arch: str) -> dict:
-    losses = {"itm": 1, "itc": 1, "mlm": 1, "textmlm": 0, "vqa": 0, "nlvr2": 0, "irtr": 0}
+PRETRAIN_LOSSES = {"itm": 1, "itc": 1, "mlm": 1, "textmlm": 0, "vqa": 0, "nlvr2": 0, "irtr": 0}
+FINETUNE_LOSSES = {"itm": 0, "itc": 0, "mlm": 0, "textmlm": 0, "vqa": 1, "nlvr2": 1, "irtr": 1}
+VQA_ANSWERS = 5
+
+
+def config(arch: str, losses: dict | None = None) -> dict:
     return {"model_arch": arch, "image_size": SIZE["img_size"], "drop_path_rate": 0.0, "vocab_size": VOCAB,
-            "max_text_len": T, "max_text_len_of_initckpt": 12, "loss_names": losses, "load_path": "",
-            "test_only": False, "vqav2_label_size": 0, "get_recall_metric": False}
+            "max_text_len": T, "max_text_len_of_initckpt": 12, "loss_names": dict(losses or PRETRAIN_LOSSES),
+            "load_path": "", "test_only": False, "vqav2_label_size": VQA_ANSWERS, "get_recall_metric": False}
 
 
 def inputs() -> dict[str, torch.Tensor]:
@@ -198,6 +205,49 @@ def run_variant(variant: str, x: dict[str, torch.Tensor], calls: list) -> tuple[
     return out, meta
 
 
+def run_finetune(x: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """The ``rel`` size with the fine-tuning heads (``irtr``, ``vqa`` with 5 answers, ``nlvr2``: 3 token types);
+    one ``forward`` per task, gradients of each task's loss."""
+    from vlmo.modules.vlmo_module import VLMo
+
+    torch.manual_seed(11)
+    model = VLMo(config("vlmo_golden_tiny_rel", FINETUNE_LOSSES))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.train()  # compute_nlvr2's eval branch needs dataset table names; every dropout / drop-path rate is 0
+    g = torch.Generator().manual_seed(4)
+    second = torch.randn(x["pixel_values"].shape, generator=g)  # the second NLVR2 image
+    text = {"text_ids": x["text_ids"], "text_masks": x["text_masks"], "text_labels": torch.full_like(x["text_ids"], -100)}
+    vqa = {"vqa_labels": [[0, 3], [1], [4, 2, 0]], "vqa_scores": [[1.0, 0.3], [0.6], [0.9, 0.3, 1.0]]}
+    answers = [1, 0, 1]
+    batches = {"irtr": {**text, "image": [x["pixel_values"]]},
+               "vqa": {**text, "image": [x["pixel_values"]], **vqa},
+               "nlvr2": {**text, "image_0": [x["pixel_values"]], "image_1": [second], "answers": answers}}
+    grad_keys = {"irtr": ["itc_text_proj.fc.weight", "itc_image_proj.fc.weight", "logit_scale",
+                          "transformer.blocks.0.attn.qkv.weight", "transformer.blocks.2.mlp_text.fc1.weight",
+                          "transformer.blocks.2.mlp_imag.fc1.weight", "relative_position_bias_table"],
+                 "vqa": ["vqa_classifier.0.weight", "vqa_classifier.1.weight", "vqa_classifier.3.weight",
+                         "pooler.dense.weight", "transformer.blocks.2.mlp_vl.fc2.weight"],
+                 "nlvr2": ["nlvr2_classifier.0.weight", "nlvr2_classifier.3.bias", "token_type_embeddings.weight",
+                           "transformer.blocks.1.mlp_imag.fc1.weight"]}
+    out = {f"state.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    out["inputs.second_pixel_values"] = second
+    meta = {"vqa": vqa, "answers": answers, "grad_keys": grad_keys, "losses": {}}
+    params = dict(model.named_parameters())
+    for task, batch in batches.items():
+        model.zero_grad(set_to_none=True)
+        model.current_tasks = [task]
+        ret = model(batch)
+        ret[f"{task}_loss"].backward()
+        out[f"{task}.loss"] = ret[f"{task}_loss"].detach().reshape(1)
+        if task != "irtr":
+            out[f"{task}.logits"] = ret[f"{task}_logits"].detach()
+        out.update({f"{task}.grad.{k}": params[k].grad.detach().clone() for k in grad_keys[task]})
+        meta["losses"][task] = float(ret[f"{task}_loss"])
+    return out, meta
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("vlmo", type=Path, help=f"the vlmo/ folder of microsoft/unilm at {COMMIT}")
@@ -217,6 +267,10 @@ def main() -> None:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(OUT / f"vlmo_{variant}.safetensors"))
         info["runs"][variant] = meta
         print(variant, json.dumps(meta["losses"]), meta["neg_image"], meta["neg_text"])
+    tensors, meta = run_finetune(x)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(OUT / "vlmo_ft.safetensors"))
+    info["finetune"] = {**meta, "vqa_answers": VQA_ANSWERS}
+    print("finetune", json.dumps(meta["losses"]))
     import timm
     import transformers
     info["versions"] = {"torch": torch.__version__, "timm": timm.__version__, "transformers": transformers.__version__,
