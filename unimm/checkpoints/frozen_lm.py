@@ -20,8 +20,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from unimm.checkpoints.io import load_checkpoint
+from unimm.checkpoints.report import LoadReport
 from unimm.models.frozen_lm import FrozenLMEncoder
 
+FROMAGE_DROPPED = {"model.input_embeddings.weight": "the full LM table (prune_model_ckpt.py may keep it): only its "
+                                                   "[RET] row could differ from the frozen table; "
+                                                   "ret_input_embeddings.weight is that row"}
 # FROMAGe key -> unimm key
 FROMAGE_KEYS = {
     "model.logit_scale": "logit_scale",
@@ -60,12 +64,20 @@ def load_pruned(encoder: FrozenLMEncoder, path: str | Path) -> FrozenLMEncoder:
     return encoder
 
 
-def fromage_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map FROMAGe's pruned ``state_dict`` (``module.`` prefixes tolerated) to unimm's trainable-state keys."""
+def fromage_state(state_dict: dict[str, torch.Tensor], report: LoadReport | None = None) -> dict[str, torch.Tensor]:
+    """Map FROMAGe's pruned ``state_dict`` (``module.`` prefixes tolerated) to unimm's trainable-state keys.
+
+    Raises:
+        KeyError: a FROMAGe key is missing, or the file holds a key outside ``FROMAGE_KEYS`` / ``FROMAGE_DROPPED``.
+    """
+    report = report if report is not None else LoadReport()
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     missing = [k for k in FROMAGE_KEYS if k not in state_dict]
-    if missing:
-        raise KeyError(f"not a FROMAGe pruned checkpoint: missing {missing}")
+    unexpected = sorted(k for k in state_dict if k not in FROMAGE_KEYS and k not in FROMAGE_DROPPED)
+    if missing or unexpected:
+        raise KeyError(f"not a FROMAGe pruned checkpoint: missing {missing}, unexpected {unexpected[:20]}")
+    report.dropped.update({k: why for k, why in FROMAGE_DROPPED.items() if k in state_dict})
+    report.mapped.update(FROMAGE_KEYS)
     return {ours: state_dict[theirs] for theirs, ours in FROMAGE_KEYS.items()}
 
 
@@ -75,8 +87,45 @@ def load_fromage(encoder: FrozenLMEncoder, path: str | Path) -> FrozenLMEncoder:
     The encoder must have FROMAGe's shapes: learned image space, ``embed_dim`` = ``shared_emb_dim`` (256),
     ``n_vis`` = ``n_visual_tokens`` of its ``model_args.json``.
     """
-    ckpt = load_checkpoint(path)
-    state = fromage_state(ckpt["state_dict"] if "state_dict" in ckpt else ckpt)
-    state["logit_scale"] = state["logit_scale"].reshape(1)  # FROMAGe's is 0-dim; ours is [1] (FSDP1)
-    encoder.load_trainable_state(state)
+    load_fromage_report(encoder, path)
     return encoder
+
+
+def _load_reported(encoder: FrozenLMEncoder, state: dict[str, torch.Tensor], report: LoadReport) -> LoadReport:
+    """Strict load of trainable-state ``state`` with its reshapes and casts recorded; frozen backbones are kept."""
+    ours = encoder.trainable_state()
+    scale = state["logit_scale"]
+    state["logit_scale"] = report.note_reshape("logit_scale", scale, scale.reshape(1))  # 0-dim in FROMAGe's file
+    state = {k: report.cast_to(k, v, ours[k]) if k in ours else v for k, v in state.items()}
+    encoder.load_trainable_state(state)  # raises on missing / unexpected keys and wrong shapes
+    report.kept["<frozen LM and CLIP backbones>"] = "not in pruned checkpoints: built from model.encoder"
+    return report
+
+
+def load_fromage_report(encoder: FrozenLMEncoder, path: str | Path) -> LoadReport:
+    """:func:`load_fromage`, returning the :class:`LoadReport`."""
+    ckpt = load_checkpoint(path)
+    report = LoadReport(source=str(path), loader="unimm.checkpoints.frozen_lm.load_fromage")
+    state = fromage_state(ckpt["state_dict"] if "state_dict" in ckpt else ckpt, report)
+    return _load_reported(encoder, state, report)
+
+
+def load_frozen_lm_released(module, path: str | Path) -> LoadReport:
+    """The ``pretrained`` loader of the FROMAGe / UNIMUR experiments, into ``module.encoder``.
+
+    FROMAGe's released ``pretrained_ckpt.pth.tar`` is recognised by its keys (``model.visual_embeddings.weight``
+    under ``state_dict``); anything else is read as unimm's pruned layout (:func:`save_pruned`, a pruned
+    ``last.ckpt``). Either load is strict.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        ckpt = load_checkpoint(path)
+        inner = ckpt.get("state_dict", ckpt)
+        if any(k.removeprefix("module.") in FROMAGE_KEYS for k in inner):
+            return load_fromage_report(module.encoder, path)
+        state = {k.removeprefix("encoder."): v for k, v in inner.items()}
+    else:
+        state = load_file(str(path))
+    report = LoadReport(source=str(path), loader="unimm.checkpoints.frozen_lm.load_pruned",
+                        mapped={k: k for k in state})
+    return _load_reported(module.encoder, state, report)

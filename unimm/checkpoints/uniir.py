@@ -65,11 +65,13 @@ import pickle
 import re
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from unimm.checkpoints.report import LoadReport
 
 MODEL_KEY = "model"
 # modules of the non-tensor objects UniIR pickles beside the weights (its OmegaConf config); read as placeholders
@@ -207,15 +209,6 @@ def read_official_state(path: str | Path) -> dict[str, Tensor]:
 
 
 # -- mapping ---------------------------------------------------------------------------------------------------
-@dataclass
-class LoadReport:
-    """What a load did: official keys loaded, dropped (with the reason), our keys left as they were (unused)."""
-
-    loaded: list[str] = field(default_factory=list)
-    dropped: dict[str, str] = field(default_factory=dict)
-    unused: list[str] = field(default_factory=list)
-
-
 def convert_state(official: Mapping[str, Tensor], ours: Mapping[str, Tensor], unused_prefixes: tuple[str, ...] = ()
                   ) -> tuple[dict[str, Tensor], LoadReport]:
     """Map ``official`` onto the keys and shapes of ``ours`` (a module's state dict).
@@ -244,19 +237,23 @@ def convert_state(official: Mapping[str, Tensor], ours: Mapping[str, Tensor], un
         if any(t not in ours for t in targets):
             unknown.append(f"{key} -> {[t for t in targets if t not in ours]}")
             continue
-        for target, value in zip(targets, rule.convert(tensor, ours[targets[0]].shape)):
+        values = rule.convert(tensor, ours[targets[0]].shape)
+        for target, value in zip(targets, values):
             if value.shape != ours[target].shape:
                 sizes.append(f"{key} {tuple(tensor.shape)} -> {target} {tuple(ours[target].shape)}")
                 continue
-            converted[target] = value.to(ours[target].dtype)
-        report.loaded.append(key)
+            converted[target] = report.cast_to(target, value, ours[target])
+        if len(values) == 1:  # splits (in_proj -> q, k, v) are a mapping, not a reshape
+            report.note_reshape(key, tensor, values[0])
+        report.mapped[key] = ", ".join(targets)
     missing = [k for k in ours if k not in converted and not k.startswith(unused_prefixes)]
     if unknown or missing:
         raise KeyError(f"UniIR checkpoint does not match the module: unknown official keys {sorted(unknown)}; "
                        f"module keys not in the checkpoint {sorted(missing)}")
     if sizes:
         raise ValueError(f"UniIR checkpoint tensors do not fit the module: {sizes}")
-    report.unused = sorted(k for k in ours if k not in converted)
+    report.kept.update({k: "not used by this fusion head (fusion.unused_encoder_keys)"
+                        for k in ours if k not in converted})
     return converted, report
 
 
@@ -270,6 +267,7 @@ def load_uniir_checkpoint(module, path: str | Path) -> LoadReport:
     prefixes = tuple(f"{tower}{k}" for tower in ("encoder.", "momentum_towers.encoder.") for k in unused)
     state, report = convert_state(read_official_state(path), module.state_dict(), prefixes)
     module.load_state_dict(state, strict=False)  # completeness was checked above; unused keys keep their values
+    report.source, report.loader = str(path), "unimm.checkpoints.uniir.load_uniir_checkpoint"
     return report
 
 

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from unimm.checkpoints.io import load_checkpoint
+from unimm.checkpoints.report import LoadReport
 from unimm.models.vlmo import VLMo, VLMoConfig
 from unimm.models.vlmo.interpolate import interpolate_pos_embed, interpolate_relative_table
 
@@ -64,17 +64,6 @@ POSITION_KEY = "text_embeddings.position_embeddings.weight"
 TABLE_KEY = "relative_position.table"
 SCALE_KEYS = ("heads.itc.logit_scale", "heads.itc.logit_vl_scale")
 POS_EMBED_KEY = "transformer.pos_embed"
-
-
-@dataclass
-class LoadReport:
-    """What a load did: ``loaded`` our keys, ``dropped`` official stale keys, ``missing`` allowed-missing keys,
-    ``truncated`` ``{key: (old rows, new rows)}`` (resized tensors: truncated positions, expanded token types)."""
-
-    loaded: list[str] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    truncated: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def unwrap_state_dict(ckpt: Mapping) -> dict[str, torch.Tensor]:
@@ -117,23 +106,22 @@ def convert_official_state_dict(state: Mapping[str, torch.Tensor], max_text_len:
     out, unexpected = {}, []
     for key, value in state.items():
         if key in STALE_KEYS:
-            report.dropped.append(key)
+            report.dropped[key] = "stale buffer, rebuilt from the config"
             continue
         ours = map_official_key(key)
         if ours is None:
             unexpected.append(key)
             continue
         if ours == POSITION_KEY and value.shape[0] > max_text_len:
-            report.truncated[key] = (value.shape[0], max_text_len)
-            value = value[:max_text_len]
+            value = report.note_reshape(key, value, value[:max_text_len])  # the configured max_text_len
         if ours in SCALE_KEYS:
-            value = value.reshape(1)
+            value = report.note_reshape(key, value, value.reshape(1))  # 0-dim in the file, [1] here
         if patch_grid is not None and ours in (TABLE_KEY, POS_EMBED_KEY):
             value = _resize_image_positions(key, ours == POS_EMBED_KEY, value, patch_grid, max_text_len_of_initckpt, report)
         if ours == "token_type_embeddings.weight" and value.shape[0] < num_token_types:
             extra = value[1:2].expand(num_token_types - value.shape[0], -1)
-            report.truncated[key] = (value.shape[0], num_token_types)
-            value = torch.cat([value, extra])
+            value = report.note_reshape(key, value, torch.cat([value, extra]))  # NLVR2's third type = row 1
+        report.mapped[key] = ours
         out[ours] = value
     if unexpected:
         raise KeyError(f"{len(unexpected)} checkpoint keys have no mapping onto VLMo: {sorted(unexpected)[:20]}")
@@ -151,9 +139,7 @@ def _resize_image_positions(key: str, absolute: bool, value: torch.Tensor, grid:
         if src != int(src):
             raise ValueError(f"{key} {tuple(value.shape)} does not fit max_text_len_of_initckpt={text_span}")
         new = interpolate_relative_table(value, int(src), grid, num_extra)
-    if new.shape != value.shape:
-        report.truncated[key] = (value.shape[-2], new.shape[-2])
-    return new
+    return report.note_reshape(key, value, new)
 
 
 def load_state_into(model: VLMo, state: Mapping[str, torch.Tensor], allow_missing: Iterable[str], report: LoadReport) -> LoadReport:
@@ -168,9 +154,9 @@ def load_state_into(model: VLMo, state: Mapping[str, torch.Tensor], allow_missin
     if wrong_shape or unexpected or not_allowed:
         raise KeyError(f"checkpoint does not fit the model: shape mismatches {wrong_shape[:10]}, "
                        f"unexpected {unexpected[:10]}, missing {not_allowed[:10]} (allow_missing={list(allow)})")
-    model.load_state_dict(state, strict=False)
-    report.loaded = sorted(state)
-    report.missing = missing
+    model.load_state_dict({k: report.cast_to(k, v, expected[k]) for k, v in state.items()}, strict=False)
+    report.mapped.update({k: k for k in state if k not in report.mapped.values()})  # BEiT's merged table
+    report.kept.update({k: "not in the checkpoint (allow_missing)" for k in missing})
     return report
 
 
@@ -187,6 +173,7 @@ def load_official_vlmo(model: VLMo, path: str | Path, allow_missing: Iterable[st
     c = model.config
     state, report = convert_official_state_dict(unwrap_state_dict(load_checkpoint(path)), c.max_text_len,
                                                 c.num_token_types, c.patch_grid, c.max_text_len_of_initckpt)
+    report.source, report.loader = str(path), "unimm.checkpoints.vlmo.load_official_vlmo"
     return load_state_into(model, state, allow_missing, report)
 
 
@@ -204,7 +191,7 @@ def convert_beit_state_dict(beit: Mapping[str, torch.Tensor], model: VLMo) -> tu
     tables: dict[int, torch.Tensor] = {}
     for key, value in beit.items():
         if key.startswith(("head.", "fc_norm.")) or key == "mask_token" or key.endswith("relative_position_index"):
-            report.dropped.append(key)
+            report.dropped[key] = "BEiT classifier / pretraining token / stale index, unused by VLMo"
             continue
         m = re.match(r"^blocks\.(\d+)\.attn\.relative_position_bias_table$", key)
         if m:
@@ -232,6 +219,7 @@ def load_beit_into_vlmo(model: VLMo, path: str | Path) -> LoadReport:
     and is listed in ``report.missing``; keys BEiT has that the model lacks are an error.
     """
     state, report = convert_beit_state_dict(unwrap_state_dict(load_checkpoint(path)), model)
+    report.source, report.loader = str(path), "unimm.checkpoints.vlmo.load_beit_into_vlmo"
     own = set(model.state_dict())
     beit_side = ("transformer.", "relative_position.")
     allowed = sorted(k for k in own - set(state) if not k.startswith(beit_side) or
@@ -243,13 +231,32 @@ def load_beit_into_vlmo(model: VLMo, path: str | Path) -> LoadReport:
 def vlmo_from_checkpoint(config: VLMoConfig, path: str | Path, allow_missing: Iterable[str] = ()) -> VLMo:
     """Build a :class:`VLMo` from ``config`` and load a local checkpoint: a released one (official layout) or an
     earlier unimm stage's ``last.ckpt``; positions are truncated / interpolated to the config (for ``_target_``)."""
+    if not path:
+        raise ValueError("no VLMo checkpoint to start from: set pretrained.path=<released .pt or a stage's last.ckpt>")
     model = VLMo(config)
-    load_official_vlmo(model, path, allow_missing)
+    model.load_report = load_official_vlmo(model, path, allow_missing).log()  # returned by report_of_build
     return model
 
 
 def vlmo_from_beit(config: VLMoConfig, path: str | Path) -> VLMo:
     """Build a :class:`VLMo` from ``config`` with its image side from a local BEiT file (stage 1, for ``_target_``)."""
     model = VLMo(config)
-    load_beit_into_vlmo(model, path)
+    load_beit_into_vlmo(model, path).log()
     return model
+
+
+def load_vlmo_released(module, path: str | Path, allow_missing: Iterable[str] = ()) -> LoadReport:
+    """The ``pretrained`` loader of the VLMo experiments: a released ``.pt`` (or a unimm stage checkpoint) into
+    ``module.encoder`` of a :class:`~unimm.methods.vlmo.VLMoModule`; see :func:`load_official_vlmo`."""
+    return load_official_vlmo(module.encoder, path, allow_missing)
+
+
+def report_of_build(module, path: str | Path) -> LoadReport:
+    """The ``pretrained`` loader of the VLMo stage-3 / fine-tuning experiments, whose encoder is built by
+    :func:`vlmo_from_checkpoint` from ``pretrained.path`` itself (with the experiment's ``allow_missing``): the
+    weights are already loaded, strictly; this returns that load's report instead of loading twice."""
+    report = getattr(module.encoder, "load_report", None)
+    if report is None or report.source != str(path):
+        raise ValueError(f"the VLMo encoder was not built from pretrained.path={path} (model.encoder.path must be "
+                         "${pretrained.path}, _target_ unimm.checkpoints.vlmo.vlmo_from_checkpoint)")
+    return report

@@ -130,7 +130,7 @@ def mlcd_vision_from_pretrained(path: str, dtype: str | None = None) -> PooledVi
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"no MLCD checkpoint at {path}: expected {Path(path) / 'config.json'} and weights")
     kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
-    return PooledVisionEncoder(MLCDVisionModel.from_pretrained(path, local_files_only=True, **kwargs))
+    return PooledVisionEncoder(_strict(MLCDVisionModel, path, kwargs))
 
 
 def clip_vision_from_pretrained(path: str, dtype: str | None = None) -> PooledVisionEncoder:
@@ -138,7 +138,17 @@ def clip_vision_from_pretrained(path: str, dtype: str | None = None) -> PooledVi
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"no CLIP vision checkpoint at {path}: expected {Path(path) / 'config.json'}")
     kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
-    return PooledVisionEncoder(CLIPVisionModel.from_pretrained(path, local_files_only=True, **kwargs))
+    return PooledVisionEncoder(_strict(CLIPVisionModel, path, kwargs))
+
+
+def _strict(cls, path: str, kwargs: dict) -> PreTrainedModel:
+    """``cls.from_pretrained`` that refuses a folder with missing, unexpected or resized weights (transformers
+    only warns), naming them."""
+    model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise KeyError(f"{path} does not fit {cls.__name__}: {problems}")
+    return model
 
 
 def vision_tower_from_pretrained(path: str, expected_width: int) -> PreTrainedModel:
