@@ -30,8 +30,8 @@ class ClusterDiscModule(EmbeddingModule):
     """
 
     def __init__(self, encoder: nn.Module, loss: Callable[..., PartialFC], optimizer, scheduler=None,
-                 on_nonfinite_loss: str = "skip"):
-        super().__init__(optimizer, scheduler, on_nonfinite_loss)
+                 on_nonfinite_loss: str = "skip", compile: bool | dict = False):
+        super().__init__(optimizer, scheduler, on_nonfinite_loss, compile)
         self.encoder = encoder
         self.loss = loss(embedding_dim=encoder.embedding_dim)
 

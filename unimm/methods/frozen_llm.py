@@ -53,8 +53,8 @@ class FrozenLLMModule(EmbeddingModule):
     def __init__(self, encoder: FrozenLMEncoder, alignment: DualAlignment, optimizer: Callable, scheduler=None,
                  caption_weight: float = 1.0, ret_lm_weight: float = 1.0, text_candidate: str = "unified",
                  prune_checkpoints: bool = True, concat_captions_prob: float = 0.0,
-                 on_nonfinite_loss: str = "skip"):
-        super().__init__(optimizer, scheduler, on_nonfinite_loss)
+                 on_nonfinite_loss: str = "skip", compile: bool | dict = False):
+        super().__init__(optimizer, scheduler, on_nonfinite_loss, compile)
         if text_candidate not in self.TEXT_CANDIDATES:
             raise ValueError(f"text_candidate={text_candidate!r}; valid: {list(self.TEXT_CANDIDATES)}")
         self.encoder = encoder

@@ -43,8 +43,9 @@ class UniIRModule(EmbeddingModule):
     """
 
     def __init__(self, encoder, loss: InfoNCE | MomentumDistillation, optimizer, scheduler=None,
-                 on_nonfinite_loss: str = "skip", fusion: nn.Module | None = None, fusion_lr: float | None = None):
-        super().__init__(optimizer, scheduler, on_nonfinite_loss)
+                 on_nonfinite_loss: str = "skip", compile: bool | dict = False, fusion: nn.Module | None = None,
+                 fusion_lr: float | None = None):
+        super().__init__(optimizer, scheduler, on_nonfinite_loss, compile)
         scale = getattr(encoder, "logit_scale", None)
         if isinstance(scale, nn.Parameter) and scale.ndim == 0:
             # FSDP cannot shard 0-dim parameters: hold CLIP's logit scale as a 1-element vector (same math)

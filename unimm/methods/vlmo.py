@@ -83,8 +83,8 @@ class VLMoModule(EmbeddingModule):
                  loss_weights: Mapping[str, float] | None = None, contrastive: VLMoContrastive | None = None,
                  parameter_groups: Mapping[str, Sequence[str]] | None = None, trainable: Sequence[str] | None = None,
                  lr_mult: Mapping[str, float] | None = None, retrieval_cls: str = "expert",
-                 itm_seed: int | None = None, on_nonfinite_loss: str = "skip"):
-        super().__init__(optimizer, scheduler, on_nonfinite_loss)
+                 itm_seed: int | None = None, on_nonfinite_loss: str = "skip", compile: bool | dict = False):
+        super().__init__(optimizer, scheduler, on_nonfinite_loss, compile)
         if stage not in STAGES:
             raise ValueError(f"stage={stage!r}; valid: {STAGES}")
         if retrieval_cls not in ("expert", "vl"):
