@@ -61,7 +61,7 @@ def test_compiled_step_equals_eager(experiment, toy_data_dir, tmp_path):
     g_eager, g_compiled = grads(eager), grads(compiled)
     assert g_eager.keys() == g_compiled.keys() and g_eager
     for name in g_eager:
-        torch.testing.assert_close(g_compiled[name], g_eager[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g_compiled[name], g_eager[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
     # eval mode (no dropout, no grad), the mode in which evaluation embeds through the same compiled blocks
     with torch.no_grad():
         eager.eval(), compiled.eval()
