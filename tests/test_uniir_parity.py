@@ -181,3 +181,16 @@ def test_uniir_clip_processor_pads_with_zero_like_clip_tokenize(golden):
     assert ids["attention_mask"].sum(1).tolist() == [4, 3]
     plain = TextImageProcessor(hf, None, 8, "max_length").text(["cat"])["input_ids"]
     assert plain.tolist() == [[0, 3, 1, 1, 1, 1, 1, 1]]  # HF's padding, kept when pad_token_id is None
+
+
+def test_blip_hard_negatives_are_refused_not_dropped(vocab_file):
+    """UniIR's BLIP hard negatives go through its momentum queue; unimm does not reproduce that and says so."""
+    from unimm.losses.momentum import MomentumDistillation
+    from unimm.methods.uniir import UniIRModule
+    from unimm.models.fusion import BLIPScoreFusion
+    module = UniIRModule(tiny_blip(vocab_file), MomentumDistillation(embed_dim=64, queue_size=8), None,
+                         fusion=BLIPScoreFusion())
+    side = {"size": 1, "input_ids": torch.tensor([[2, 4, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+            "pixel_values": torch.zeros(1, 3, 32, 32), "text_rows": torch.tensor([0]), "image_rows": torch.tensor([0])}
+    with pytest.raises(NotImplementedError, match="hard_negatives=0"):
+        module._momentum_loss({"query": side, "pos": side, "neg": side, "pos_ids": torch.tensor([1])})
