@@ -101,6 +101,10 @@ class UniIRModule(EmbeddingModule):
         if "pos_ids" not in batch:
             raise KeyError("the momentum loss needs candidate ids (batch['pos_ids']): collate with "
                            "unimm.data.mbeir_collate.MBEIRCollator")
+        if "neg" in batch:  # silently dropping them would train a different model than the one asked for
+            raise NotImplementedError(
+                "hard negatives with the momentum loss (UniIR BLIP_SF / BLIP_FF put them into the candidate queue) "
+                "are not implemented: set data.collator.hard_negatives=0 or use a CLIP variant")
         query = self.encode_query(batch["query"])
         cand = self.encode_candidate(batch["pos"])
         # UniIR updates the momentum encoder first, then embeds with it
