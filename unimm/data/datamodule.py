@@ -24,6 +24,18 @@ def _passthrough(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
+class _TrainLoader(DataLoader):
+    """The training DataLoader. Its position in the epoch is the DataModule's state (:meth:`ShardDataModule.state_dict`,
+    restored before the loader starts, exact mid-epoch), so it has nothing of its own to save; the interface tells
+    Lightning that it resumes (else every mid-epoch resume warns "your dataloader is not resumable")."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 class ShardDataModule(L.LightningDataModule):
     """Streams records from shard sets.
 
@@ -105,7 +117,7 @@ class ShardDataModule(L.LightningDataModule):
         return self._train_stream
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_stream())
+        return self._loader(self.train_stream(), _TrainLoader)
 
     # -- exact resume: Lightning stores this in every checkpoint and restores it before the loaders start ----
     def state_dict(self) -> dict[str, int]:
@@ -129,8 +141,8 @@ class ShardDataModule(L.LightningDataModule):
         stream.configure(rank, world, self.num_workers)
         return self._loader(stream)
 
-    def _loader(self, stream: ShardStream) -> DataLoader:
-        return DataLoader(
+    def _loader(self, stream: ShardStream, kind: type[DataLoader] = DataLoader) -> DataLoader:
+        return kind(
             stream, batch_size=None, num_workers=self.num_workers, collate_fn=_passthrough,
             persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
         )
