@@ -175,3 +175,47 @@ def test_image_retrieval_writes_per_query_outputs(toy_data_dir, tmp_path):
         assert 100 * sum(r["hit"][str(k)] for r in rows) / len(rows) == \
             pytest.approx(metrics[f"val/toy_digits/retrieval/recall@{k}"])
     assert len(read_trec(folder / "toy_digits.trec")) == len(rows)
+
+
+def test_vqa_and_nlvr2_write_candidate_list_rows(tmp_path):
+    """Heads rigged to answer VQA label 3 and NLVR2 class 1 (as tests/test_vlmo_arrow.py): the rows say so."""
+    from tests.test_vlmo_arrow import png, write_arrow
+    from unimm.data.convert.vlmo_arrow import convert_nlvr2, convert_vqa
+    from unimm.data.mlm import VLMoCollator
+    from unimm.eval.vqa import NLVR2Evaluator, VQAEvaluator
+    from unimm.methods.vlmo import VLMoModule
+    from unimm.models.vlmo import VLMo, vlmo_tiny
+
+    convert_vqa([write_arrow(tmp_path / "vqav2_val.arrow", {
+        "image": [png("green")], "questions": [["what colour", "is it round"]], "answers": [[["green"], ["no"]]],
+        "answer_labels": [[[3, 7], [1]]], "answer_scores": [[[1.0, 0.3], [0.9]]], "image_id": [1],
+        "question_id": [[10, 11]], "split": ["val"]})], tmp_path / "vqa")
+    convert_nlvr2([write_arrow(tmp_path / "nlvr2_dev.arrow", {
+        "image_0": [png("red")], "image_1": [png("blue")], "questions": [["left is red", "both blue"]],
+        "answers": [["True", "False"]], "identifier": ["dev-1-0"]})], tmp_path / "nlvr2")
+    (tmp_path / "vocab.txt").write_text("what\ncolour\nis\nit\nround\nleft\nred\nboth\nblue\n")
+    dm = ShardDataModule({}, collator=functools.partial(VLMoCollator, text_length=16, mlm_probability=0.0),
+                         num_workers=0, eval_batch_size=4)
+    dm.attach_processor(word_level_processor(str(tmp_path / "vocab.txt"), image_size=32, max_length=16))
+    model = VLMo(vlmo_tiny(vocab_size=20, hidden_size=32, num_heads=2, vqa_num_answers=8, nlvr2=True, num_token_types=3,
+                           max_text_len=16, max_text_len_of_initckpt=16))
+    with torch.no_grad():
+        for head, favoured in ((model.heads.vqa, 3), (model.heads.nlvr2, 1)):
+            head[3].weight.zero_()
+            head[3].bias.zero_()
+            head[3].bias[favoured] = 1.0
+    module = VLMoModule(model, functools.partial(torch.optim.AdamW, lr=1e-3), stage="vqa")
+    VQAEvaluator(str(tmp_path / "vqa"), dataset="vqav2_val").run(module, dm, tmp_path / "out")
+    NLVR2Evaluator(str(tmp_path / "nlvr2"), dataset="dev").run(module, dm, tmp_path / "out")
+    folder = tmp_path / "out" / "per_query"
+    vqa = [json.loads(line) for line in (folder / "vqav2_val.jsonl").read_text().splitlines()]
+    assert [r["candidates"][0] for r in vqa] == ["3", "3"] and len(vqa[0]["candidates"]) == 8
+    # question 10: gold labels 3 and 7, predicted 3 (correct); question 11: gold 1, listed but not predicted
+    assert [(r["positive"], r["correct"]) for r in vqa] == [([0, vqa[0]["candidates"].index("7")], True),
+                                                            ([vqa[1]["candidates"].index("1")], False)]
+    nlvr2 = [json.loads(line) for line in (folder / "dev.jsonl").read_text().splitlines()]
+    assert [(r["candidates"], r["predicted"], r["positive"], r["correct"]) for r in nlvr2] == \
+        [(["False", "True"], 1, [1], True), (["False", "True"], 1, [0], False)]
+    manifest = json.loads((folder / "manifest.json").read_text())["evaluations"]
+    assert (manifest["vqav2_val"]["metric"], manifest["vqav2_val"]["value"]) == ("score", 50.0)
+    assert (manifest["dev"]["metric"], manifest["dev"]["protocol"]) == ("accuracy", "candidate_list")
