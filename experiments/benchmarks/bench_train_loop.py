@@ -21,6 +21,7 @@ import lightning as L
 import torch
 
 from unimm.data.collate import RetrievalCollator
+from unimm.data.datamodule import ShardDataModule
 from unimm.data.records import decode_sample
 from unimm.data.shards import iter_raw_samples, read_index
 from unimm.data.toy import ensure_toy
@@ -79,6 +80,19 @@ def _passthrough(batch: dict) -> dict:
     return batch
 
 
+class _Batches(L.LightningDataModule):
+    """The loader below, moved to the device as ShardDataModule moves batches (its transfer hook)."""
+
+    transfer_batch_to_device = ShardDataModule.transfer_batch_to_device
+
+    def __init__(self, loader):
+        super().__init__()
+        self.loader = loader
+
+    def train_dataloader(self):
+        return self.loader
+
+
 def lightning_loop(module: UniIRModule, batches: list[dict], warmup: int) -> tuple[float, float]:
     """Returns (steady-state steps/s, seconds of set-up before the first step)."""
     clock = _StepClock(warmup)
@@ -86,7 +100,7 @@ def lightning_loop(module: UniIRModule, batches: list[dict], warmup: int) -> tup
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[clock])
     # the DataLoader as ShardDataModule builds it: batches pass through as collated
     loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=_passthrough)
-    trainer.fit(module, train_dataloaders=loader)
+    trainer.fit(module, datamodule=_Batches(loader))
     return clock.steps / (clock.end - clock.start), clock.setup_seconds
 
 
