@@ -45,7 +45,8 @@ class ShardDataModule(L.LightningDataModule):
         batch_size: per-rank training batch.
         eval_batch_size: per-rank batch when embedding queries and pools.
         num_workers: DataLoader worker processes (each takes whole shards).
-        strict: fail on the first bad sample instead of counting it.
+        strict: fail on the first bad sample, damaged shard or shard whose sample count differs from its
+            ``index.json`` entry, instead of counting it (:class:`~unimm.data.shards.DataError`).
         prepare: optional callable run once before anything reads data (e.g. building the toy dataset).
         train_sides: the sides every training record must have.
         seed: shuffling seed (the epoch is mixed in).
