@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 
 from unimm.eval.candidate_lists import list_scores, predicted_index
-from unimm.eval.metrics import NoPositiveError, precision_at_1, rank_candidates, retrieval_metrics
+from unimm.eval.metrics import (
+    NoPositiveError,
+    count_no_positive,
+    precision_at_1,
+    rank_candidates,
+    retrieval_metrics,
+)
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "metrics" / "metrics.json").read_text())
 MBEIR = GOLDEN["mbeir"]
@@ -50,12 +56,13 @@ def test_ranking_matches_faiss_scores_and_untied_order():
                 assert scores[q, a] == scores[q, b], f"query {q} rank {pos}: {a} vs {b} with different scores"
 
 
-@pytest.mark.parametrize("qid", [q for q in MBEIR["query_ids"] if _positives(q)])
+@pytest.mark.parametrize("qid", MBEIR["query_ids"])
 def test_per_query_hit_equals_uniir_recall(qid):
-    """UniIR's Recall@k (1 if any positive is in the top k) is unimm's hit@k, on the official faiss ranking."""
+    """UniIR's Recall@k (1 if any positive is in the top k) is unimm's hit@k, on the official faiss ranking
+    (a query whose positives are all outside the pool is a miss in both)."""
     q = MBEIR["query_ids"].index(qid)
     ranked = np.asarray(MBEIR["faiss_ranking"][q : q + 1])
-    ours = retrieval_metrics(ranked, [_positives(qid)], _ks(), pool_size=len(MBEIR["cand_ids"]))
+    ours = retrieval_metrics(ranked, [_positives(qid)], _ks(), pool_size=len(MBEIR["cand_ids"]), no_positive="miss")
     for metric in MBEIR["metrics"]:
         k = metric.split("@")[1]
         assert ours[f"hit@{k}"] == 100.0 * MBEIR["per_query"][qid][metric], (qid, metric)
@@ -68,7 +75,8 @@ def _task_means(include_outside: bool) -> dict[str, dict[str, float]]:
                 and (include_outside or _positives(q))]
         ranked = np.asarray(MBEIR["faiss_ranking"])[rows]
         positives = [_positives(MBEIR["query_ids"][i]) for i in rows]
-        m = retrieval_metrics(ranked, positives, _ks(), pool_size=len(MBEIR["cand_ids"]))
+        # no_positive="miss": the evaluator's setting (unimm.eval.retrieval), UniIR's rule
+        m = retrieval_metrics(ranked, positives, _ks(), pool_size=len(MBEIR["cand_ids"]), no_positive="miss")
         out[task] = {metric: round(m[f"hit@{metric.split('@')[1]}"] / 100.0, 4) for metric in MBEIR["metrics"]}
     return out
 
@@ -78,11 +86,13 @@ def test_task_means_without_outside_positives():
     assert _task_means(include_outside=False)["0"] == GOLDEN["mbeir"]["task_means"]["0"]
 
 
-@pytest.mark.xfail(raises=NoPositiveError, strict=False,
-                   reason="issue 14 item 7: UniIR counts a query whose positives are all outside the pool as a "
-                          "miss; unimm's retrieval_metrics raises NoPositiveError (fix owned by unimm/eval)")
 def test_task_means_count_outside_positives_as_misses():
+    """Task 3 holds a query whose only positive is not in the pool: UniIR counts it as 0 (issue 14 item 7)."""
     assert _task_means(include_outside=True) == GOLDEN["mbeir"]["task_means"]
+    positives = [_positives(q) for q in MBEIR["query_ids"]]
+    assert count_no_positive(positives) == 1
+    with pytest.raises(NoPositiveError):
+        retrieval_metrics(np.asarray(MBEIR["faiss_ranking"]), positives, _ks(), no_positive="raise")
 
 
 @pytest.mark.parametrize("run", MMEB["runs"], ids=lambda r: f"normalization={r['normalization']}")
