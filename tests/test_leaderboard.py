@@ -256,3 +256,15 @@ def test_leaderboard_page_sorts_and_filters(board_html, chromium):
     chromium.eval("(() => { const c = document.getElementById('f-reported'); c.checked = false; "
                   "c.dispatchEvent(new Event('change')); })()")
     assert chromium.eval("document.querySelectorAll('#board tbody tr.reported').length") == 0
+
+
+def test_wandb_table_holds_the_board(results_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    from unimm.leaderboard.wandb_table import log_board
+
+    board = build_board([results_root])
+    table = log_board(board, project="unimm-test", dir=str(tmp_path))
+    rows = {r[0].split(" (")[0]: dict(zip(table.columns, r)) for r in table.data if r[2] == "measured"}
+    for experiment, cells in EXPECTED.items():
+        assert {k: v for k, v in rows[experiment].items() if k not in ("model", "family", "kind") and v is not None} == cells
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
