@@ -204,3 +204,19 @@ def test_comparison_view_lists_exactly_the_differing_queries(runs, chromium):
     cols = chromium.eval("[...document.querySelector('.query[data-qid=\"q00\"]').querySelectorAll('.cmp-cols .cands')]"
                          ".map(c => [...c.querySelectorAll('.cand')].map(x => x.dataset.id))")
     assert cols == [ranked_for(0, shift_a(0)), ranked_for(0, shift_b(0))]
+
+
+def test_global_pool_candidates_are_read_from_the_benchmark_pools(runs, tmp_path):
+    """pool: null (M-BEIR's global pool): the candidates are found in the pools of the benchmark.json above the
+    query shard set."""
+    root = runs[0]
+    (root / "data" / "benchmark.json").write_text(json.dumps({"name": "b", "pools": {"p": "pool"}, "evaluations": []}))
+    run = tmp_path / "run_global"
+    write_run(run, root / "data" / "pool", root / "data" / "queries", shift_a)
+    manifest = json.loads((run / "per_query" / "manifest.json").read_text())
+    manifest["evaluations"]["toy_mixed"]["pool"] = None
+    (run / "per_query" / "manifest.json").write_text(json.dumps(manifest))
+    _, page = write_run_pages(run, k=K)
+    data = json.loads(page.read_text().split('<script type="application/json" id="data">')[1].split("</script>")[0])
+    assert data["items"][text_did(3)]["t"] == "caption number 3"
+    assert data["items"][image_did(0)]["i"].startswith("thumbs/")

@@ -87,6 +87,19 @@ def normalize(row: dict[str, Any], protocol: str, k: int) -> dict[str, Any]:
             "positives": list(row.get("positives", [])), "hit": {str(c): bool(v) for c, v in row["hit"].items()}}
 
 
+def pool_sets(run_dir: Path, entry: dict[str, Any], queries: Path | None) -> list[Path]:
+    """The shard sets the candidate ids name: the manifest's ``pool``, or for the M-BEIR global pool (``pool:
+    null``) every pool of the benchmark folder holding the queries (its ``benchmark.json``)."""
+    pool = _resolve(run_dir, entry.get("pool"))
+    if pool is not None:
+        return [pool]
+    for folder in (queries.parents if queries else []):
+        if (folder / "benchmark.json").is_file():
+            pools = json.loads((folder / "benchmark.json").read_text()).get("pools", {})
+            return [folder / rel for _, rel in sorted(pools.items())]
+    return []
+
+
 def fetch_by_key(shard_set: str | os.PathLike, keys: Iterable[str]) -> dict[str, Record]:
     """The records of ``shard_set`` with these ``__key__``s, read in place (one pass; stops once all are found)."""
     wanted = set(keys)
@@ -144,10 +157,12 @@ def evaluation_data(run_dir: Path, name: str, entry: dict[str, Any], k: int, thu
     protocol = entry.get("protocol", "pool")
     queries = [normalize(r, protocol, k) for r in (rows if rows is not None else read_rows(run_dir, entry))]
     qset = _resolve(run_dir, entry.get("queries"))
-    pset = _resolve(run_dir, entry.get("pool"))
+    psets = pool_sets(run_dir, entry, qset)
     qrecords = fetch_by_key(qset, [q["qid"] for q in queries]) if qset else {}
     cand_ids = {c for q in queries for c in q["ranked"]}
-    crecords = fetch_by_key(pset, cand_ids) if pset else {}
+    crecords: dict[str, Record] = {}
+    for pset in psets:  # the global pool: every pool of the benchmark, until each candidate is found
+        crecords.update(fetch_by_key(pset, cand_ids - set(crecords)))
     for q in queries:
         q.update(_item(qrecords.get(q["qid"]), "query", str(qset), thumbs, QUERY_TEXT_CHARS))
         if not q.get("mod") and q["qid"] in qrecords:
@@ -156,7 +171,8 @@ def evaluation_data(run_dir: Path, name: str, entry: dict[str, Any], k: int, thu
             q["task"] = qrecords[q["qid"]].meta.get("task")
         wanted = set(q["ranked"])
         q["positives"] = [p for p in q["positives"] if p in wanted][:k] + [p for p in q["positives"] if p not in wanted][:3]
-    items = {c: _item(crecords.get(c), "cand", str(pset), thumbs, CAND_TEXT_CHARS) for c in sorted(cand_ids)}
+    items = {c: _item(crecords.get(c), "cand", crecords[c].shard if c in crecords else "", thumbs, CAND_TEXT_CHARS)
+             for c in sorted(cand_ids)}
     return {"name": name, "benchmark": entry.get("benchmark"), "protocol": protocol, "k": k,
             "metric": entry.get("metric"), "value": entry.get("value"), "queries": queries, "items": items}
 
