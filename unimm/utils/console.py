@@ -16,8 +16,20 @@ from typing import TextIO
 
 # CSI sequences (colours, cursor moves, line erases) and OSC sequences (hyperlinks) rich writes to a terminal
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07\x1b]*(\x07|\x1b\\)")
-# a live display redraws in place by moving the cursor up / erasing lines: those frames are not log lines
-_REDRAW = re.compile(r"\x1b\[\d*[AK]|\x1b\[\?25[lh]")
+# A live display (rich progress) on a terminal redraws in place: each refresh is one write of "erase the previous
+# frame" (carriage return, erase line, cursor up; one cursor-up per frame line after the first), then whatever was
+# printed meanwhile, then the new frame. The log keeps the printed text and drops the frames.
+_ERASE_FRAME = re.compile(r"^(?:\r|\x1b\[2K|\x1b\[1A|\x1b\[\?25[lh])+")
+
+
+def clean_for_log(text: str) -> str:
+    """``text`` as a log file should hold it: without live-display frames and terminal control codes."""
+    erase = _ERASE_FRAME.match(text)
+    if erase and "\x1b[2K" in erase.group(0):
+        height = erase.group(0).count("\x1b[1A") + 1  # the new frame has the height of the one it replaces
+        lines = text[erase.end():].split("\n")
+        text = "\n".join(lines[:-height]) + "\n" if len(lines) > height else ""
+    return _ANSI.sub("", text).replace("\r", "")
 
 
 class _Tee:
@@ -28,14 +40,13 @@ class _Tee:
 
     def write(self, text: str) -> int:
         n = self._stream.write(text)
-        if not _REDRAW.search(text):
-            clean = _ANSI.sub("", text).replace("\r", "")
-            if clean:
-                try:
-                    self._log.write(clean)
-                    self._log.flush()
-                except (OSError, ValueError):  # a full disk or a closed file must not take the run down
-                    pass
+        clean = clean_for_log(text)
+        if clean:
+            try:
+                self._log.write(clean)
+                self._log.flush()
+            except (OSError, ValueError):  # a full disk or a closed file must not take the run down
+                pass
         return n
 
     def write_log(self, text: str) -> None:
@@ -59,13 +70,18 @@ class _Tee:
         return getattr(self._stream, name)
 
 
+_active: _Tee | None = None  # sys.stdout may be wrapped again meanwhile (rich's live display redirects it)
+
+
 def log_console(log_path: str | Path) -> None:
     """From now on, copy this process's console output to ``log_path`` (appending). Idempotent per path."""
     if isinstance(sys.stdout, _Tee) and getattr(sys.stdout._log, "name", None) == str(log_path):
         return
     log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - open for the life of the process
     out, err = _unwrap(sys.stdout), _unwrap(sys.stderr)
+    global _active
     sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
+    _active = sys.stdout
     # Loggers that do not reach the root logger (and so Hydra's file handler), e.g. Lightning's own stream
     # handler made at import time, hold the console streams: repoint them. Root handlers stay (no double lines).
     for logger in logging.Logger.manager.loggerDict.values():
@@ -87,8 +103,8 @@ def _unwrap(stream: TextIO) -> TextIO:
 
 def write_log(text: str) -> None:
     """Write ``text`` to the run's log file only (no-op before :func:`log_console`)."""
-    if isinstance(sys.stdout, _Tee):
-        sys.stdout.write_log(text)
+    if _active is not None:
+        _active.write_log(text)
 
 
 class _DropMessages(logging.Filter):
