@@ -65,3 +65,15 @@ def test_grid_title_names_benchmark_task_model_and_step():
         encoder = Encoder()
 
     assert grid_title("toy", "it2i / toy", UniIRModule(), "step276") == "toy · it2i / toy · UniIRModule (Encoder) · step276"
+
+
+def test_log_keeps_what_was_printed_under_a_live_progress_bar():
+    """On a terminal, rich redraws its progress frame in place; text printed meanwhile is in the same write."""
+    from unimm.utils.console import clean_for_log
+
+    erase = "\r\x1b[2K\x1b[1A\x1b[2K"  # the previous 2-line frame
+    frame = "Epoch 0/5  \x1b[90m━━━━\x1b[0m 2/46\r\n        \x1b[3mtrain/loss: 4.159  \x1b[0m"
+    assert clean_for_log(erase + frame) == ""
+    assert clean_for_log(erase + "[nonfinite] step 2: loss nan\r\nbatch keys: ['a']\r\n" + frame) == (
+        "[nonfinite] step 2: loss nan\nbatch keys: ['a']\n")
+    assert clean_for_log("\x1b[1m| i2t / toy |\x1b[0m 4.5\n") == "| i2t / toy | 4.5\n"
