@@ -189,7 +189,10 @@ def _duplicate_lists(seed: int = 0, rows: int = 60):
         positive = rng.standard_normal(dim).astype(np.float16)
         cands = np.stack([positive] * n)
         cands[int(rng.integers(1, n))] = -positive  # one real negative somewhere in the list
-        cases.append((rng.standard_normal(dim).astype(np.float16), cands))
+        query = rng.standard_normal(dim).astype(np.float16)
+        if float(query.astype(np.float64) @ positive.astype(np.float64)) < 0:
+            query = -query  # the positive scores above its negation
+        cases.append((query, cands))
     return cases
 
 
@@ -206,17 +209,13 @@ def test_identical_candidates_score_identically_and_the_positive_wins_ties():
         scores = list_scores(query, cands)
         copies = np.flatnonzero((cands == cands[0]).all(axis=1))
         assert len(set(scores[copies].tolist())) == 1
-    # the same through the evaluator's scoring: every row's positive wins (its only rivals are its copies)
-    pool, metas, queries = [], [], []
+    # the same through the evaluator's scoring: every row's positive wins (its only rivals are its copies and a
+    # worse negative), the copies having their own dids in the pool
     for q, (query, cands) in enumerate(cases):
         dids = [f"{q}-{i}" for i in range(len(cands))]
-        pool += list(cands)
-        metas += [{"did": d} for d in dids]
-        queries.append((query, {"candidates": dids}))
-    pool_vectors = np.stack(pool)
-    metrics = candidate_list_recall(np.stack([q for q, _ in queries]), [m for _, m in queries], pool_vectors, metas,
-                                    [1], ties_to_positive=True)
-    assert metrics["recall@1"] == 100.0
+        metrics = candidate_list_recall(query[None], [{"candidates": dids}], cands, [{"did": d} for d in dids], [1],
+                                        ties_to_positive=True)
+        assert metrics["recall@1"] == 100.0, q
     # and the copies' positions do not matter: the positive at index 0 keeps a tie however the list is permuted
     query, cands = cases[0]
     order = np.random.default_rng(1).permutation(len(cands) - 1) + 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import xxhash
 
 from unimm.data.benchmark import EvaluationSpec, load_benchmark
 from unimm.eval.per_query import PerQueryWriter
@@ -12,19 +13,43 @@ from unimm.eval.retrieval import RetrievalEvaluator
 from unimm.utils.progress import is_rank_zero
 
 
-def list_scores(query_vector: np.ndarray, cand_vectors: np.ndarray) -> np.ndarray:
+def canonical_rows(vectors: np.ndarray) -> np.ndarray:
+    """``[N]`` int64: for every row of ``vectors`` ``[N, D]``, the index of the first row with the same bytes.
+
+    Rows are grouped by a 64-bit xxh3 of their bytes and confirmed equal element by element (a hash collision of
+    different rows keeps them apart); linear time, unlike sorting the rows.
+    """
+    rows = np.ascontiguousarray(vectors)
+    first: dict[int, list[int]] = {}
+    canon = np.arange(len(rows), dtype=np.int64)
+    for i in range(len(rows)):
+        bucket = first.setdefault(xxhash.xxh3_64_intdigest(rows[i].tobytes()), [])
+        same = next((j for j in bucket if np.array_equal(rows[i], rows[j])), None)
+        if same is None:
+            bucket.append(i)
+        else:
+            canon[i] = same
+    return canon
+
+
+def list_scores(query_vector: np.ndarray, cand_vectors: np.ndarray, canonical: np.ndarray | None = None) -> np.ndarray:
     """Inner products ``[C]`` (float64) of one query ``[D]`` with its candidates ``[C, D]``; identical candidate
     vectors get bit-identical scores.
 
     A BLAS matrix-vector product does not promise that: it sums rows in different orders depending on their
-    position (blocks of 4 or 8 rows, then a tail kernel), so two identical fp16 vectors could score 1 ulp apart
-    and a duplicate of the positive would beat it. Here identical rows are scored once (``np.unique``) and the
-    product is summed in float64, where fp16 / fp32 inputs lose nothing in the products.
+    position (blocks of rows, then a tail kernel), so two identical fp16 vectors can score 1 ulp apart and a
+    duplicate of the positive beat it (issue 14). Here each distinct vector is scored once and its score copied to
+    its duplicates, in float64 (fp16 / fp32 inputs lose nothing in the products).
+
+    Args:
+        canonical: ``[C]`` ids equal exactly for identical rows (e.g. :func:`canonical_rows` of the pool, indexed
+            by the candidates' pool rows); computed from ``cand_vectors`` when None.
     """
     cands = np.asarray(cand_vectors)
-    unique, inverse = np.unique(cands, axis=0, return_inverse=True)
-    scores = (unique.astype(np.float64) * np.asarray(query_vector, np.float64)[None, :]).sum(axis=1)
-    return scores[inverse.reshape(-1)]
+    canonical = canonical_rows(cands) if canonical is None else np.asarray(canonical)
+    distinct, first, back = np.unique(canonical, return_index=True, return_inverse=True)
+    scores = cands[first].astype(np.float64) @ np.asarray(query_vector, np.float64)
+    return scores[back.reshape(-1)]
 
 
 def predicted_index(scores: np.ndarray, ties_to_positive: bool) -> int:
@@ -59,6 +84,7 @@ def candidate_list_recall(query_vectors, query_metas, pool_vectors, pool_metas, 
             ``candidates`` (pool record keys), ``positive`` ([0]), ``predicted``, ``scores``, ``correct``.
     """
     row_of = {m["did"]: j for j, m in enumerate(pool_metas)}
+    canonical = canonical_rows(pool_vectors)  # identical pool vectors (other dids, same pair) score identically
     hits: dict[str, list[np.ndarray]] = {}  # response -> [hit per k] of each of its elements
     missing_cands = missing_pos = 0
     for q, meta in enumerate(query_metas):
@@ -74,7 +100,9 @@ def candidate_list_recall(query_vectors, query_metas, pool_vectors, pool_metas, 
                                   "candidates": [pool_keys[c] if pool_keys else pool_metas[c]["did"] for c in cands],
                                   "positive": [], "predicted": -1, "scores": [], "correct": False})
             continue
-        scores = list_scores(query_vectors[q], pool_vectors[cands])
+        # each distinct vector scored once (float64), copied to its duplicates: see list_scores
+        distinct, back = np.unique(canonical[cands], return_inverse=True)
+        scores = (np.asarray(pool_vectors[distinct], np.float64) @ np.asarray(query_vectors[q], np.float64))[back.reshape(-1)]
         if np.isnan(scores).any():
             raise ValueError(f"NaN scores for query {q}")
         # candidate 0 is the response element; a tie counts against it (a constant model must not score 100)
