@@ -17,6 +17,16 @@ def _ks(text: str) -> tuple[int, ...]:
         ) from err
 
 
+WORKERS_HELP = ("processes that read images and write shards (default: the cores); the output is the same "
+                "bytes whatever the number")
+
+
+def _workers(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of processes >= 1, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m unimm.data.convert",
@@ -52,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         "malformed line, positive not in the pool) with an error naming the file and the sample",
     )
     common.add_argument("--shard-size", type=int, default=1000, help="records per tar shard (default 1000)")
+    common.add_argument("--workers", type=_workers, default=None, help=WORKERS_HELP)
 
     train = modes.add_parser(
         "train",
@@ -87,6 +98,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument(
         "--report-k", type=int, default=5, help="the cutoff reported in summary tables (default 5)"
     )
+
+    everything = modes.add_parser(
+        "all",
+        help="the whole benchmark in one command: training set, 16 local evaluations (and so the global pool)",
+        description="Prepare M-BEIR from the official release folder (the HF dataset TIGER-Lab/M-BEIR, unpacked): "
+        "<out>/train/union_up from query/union_train/mbeir_union_up_train.jsonl and "
+        "cand_pool/global/mbeir_union_train_cand_pool.jsonl; <out>/instructions/query_instructions.tsv; "
+        "<out>/eval_local with the 16 test evaluations (query/test/mbeir_<name>_test.jsonl, "
+        "cand_pool/local/mbeir_<pool>_cand_pool.jsonl, qrels/test/mbeir_<name>_test_qrels.txt) at the paper's "
+        "cutoffs (R@5; R@10 of 10,20,50 for Fashion200K and FashionIQ). eval=mbeir_global searches the union of "
+        "these pools. Parts already converted from the same files are kept; an interrupted run resumes.",
+    )
+    everything.add_argument("--root", required=True, help="the M-BEIR release folder (mbeir_images/, query/, ...)")
+    everything.add_argument("--out", required=True, help="output folder, e.g. data/mbeir (= ${paths.data_dir}/mbeir)")
+    everything.add_argument(
+        "--only", type=lambda t: t.split(","), default=None,
+        help="comma-separated subset of 'train' and the evaluation names (e.g. train,mscoco_task0)",
+    )
+    everything.add_argument("--strict", action="store_true", help="stop at the first problem")
+    everything.add_argument("--shard-size", type=int, default=1000, help="records per tar shard (default 1000)")
+    everything.add_argument("--workers", type=_workers, default=None, help=WORKERS_HELP)
 
     toy = formats.add_parser(
         "toy",
@@ -143,9 +175,15 @@ def _run(args: argparse.Namespace) -> None:
         return
     from unimm.data.convert import mbeir
 
-    if args.mode == "train":
+    if args.mode == "all":
+        mbeir.convert_all(
+            args.root, args.out, only=args.only, strict=args.strict, shard_size=args.shard_size,
+            workers=args.workers,
+        )
+    elif args.mode == "train":
         mbeir.convert_train(
-            args.queries, args.pool, args.images, args.out, strict=args.strict, shard_size=args.shard_size
+            args.queries, args.pool, args.images, args.out, strict=args.strict, shard_size=args.shard_size,
+            workers=args.workers,
         )
     else:
         mbeir.convert_eval(
@@ -160,6 +198,7 @@ def _run(args: argparse.Namespace) -> None:
             report_k=args.report_k,
             strict=args.strict,
             shard_size=args.shard_size,
+            workers=args.workers,
         )
 
 

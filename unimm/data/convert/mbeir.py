@@ -22,9 +22,11 @@ import io
 import json
 import os
 import re
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,8 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-from unimm.data.benchmark import BenchmarkWriter, read_qrels, replacing_shard_set
+from unimm.data.benchmark import BenchmarkWriter, read_qrels
+from unimm.data.convert.parallel import input_mtime, write_shard_set
 from unimm.data.records import make_sample
 from unimm.data.shards import TruncatedShard, iter_raw_samples, read_index
 
@@ -134,10 +137,13 @@ class _Part:
         }
 
 
-def _iter_jsonl(part: _Part, label: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object) for every non-blank line; malformed lines are counted as ``bad_json``."""
+def _iter_jsonl(part: _Part, label: str, progress_bar: bool = True) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) for every non-blank line; malformed lines are counted as ``bad_json``.
+
+    ``progress_bar=False`` when the caller draws its own (rich shows one live display at a time)."""
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
-    disable = os.environ.get("UNIMM_PROGRESS", "1") == "0"  # the switch of unimm.utils.progress.track
+    # the switch of unimm.utils.progress.track
+    disable = not progress_bar or os.environ.get("UNIMM_PROGRESS", "1") == "0"
     with (
         open(part.path, "rb") as f,
         Progress(*columns, console=_console, transient=True, disable=disable) as progress,
@@ -251,20 +257,85 @@ def _read_pool_index(pool: _Part) -> dict[str, tuple[Any, Any]]:
 
 
 def _positives(
-    q: dict[str, Any], candidates: dict[str, tuple[Any, Any]], images: Path, part: _Part, where: str
+    pos: list[tuple[str, Any, Any] | tuple[str]], images: Path, part: _Part, where: str, pos_cand_list: Any
 ) -> list[tuple[str, _Side]]:
-    """Every did of ``pos_cand_list`` (in order, repeats once) that is in the pool and loads; problems counted."""
+    """Every did of ``pos`` (``pos_cand_list`` in order, repeats once; ``(did, txt, img_path)`` when the did is
+    in the pool, ``(did,)`` when not) whose side loads; problems counted."""
     found: list[tuple[str, _Side]] = []
-    for did in dict.fromkeys(q.get("pos_cand_list") or []):
-        if did not in candidates:
+    for entry in pos:
+        did = entry[0]
+        if len(entry) == 1:
             part.problem("pos_not_in_pool", where, f"positive did={did} is not in the pool")
             continue
-        pos = _read_side(*candidates[did], images, part, f"{where} did={did}", "candidate")
-        if pos is not None:
-            found.append((did, pos))
+        side = _read_side(entry[1], entry[2], images, part, f"{where} did={did}", "candidate")
+        if side is not None:
+            found.append((did, side))
     if not found:
-        part.problem("no_usable_positive", where, f"pos_cand_list={q.get('pos_cand_list')}")
+        part.problem("no_usable_positive", where, f"pos_cand_list={pos_cand_list}")
     return found
+
+
+def _part_accounting(part: _Part, **extra: Any) -> dict[str, Any]:
+    """What a worker sends back for one shard (merged by :func:`_merge_accounting` in shard order)."""
+    return {"kept": part.kept, "skipped": part.skipped, "problems": dict(part.problems),
+            "examples": part.examples, **extra}
+
+
+def _merge_accounting(part: _Part, accounting: dict[str, Any]) -> None:
+    part.kept += accounting["kept"]
+    part.skipped += accounting["skipped"]
+    part.problems.update(accounting["problems"])
+    for reason, examples in accounting["examples"].items():
+        mine = part.examples.setdefault(reason, [])
+        mine.extend(examples[: MAX_EXAMPLES - len(mine)])
+
+
+def _build_train(context: tuple[str, str, bool], items: list[tuple], write) -> dict[str, Any]:
+    """Write the training records of one shard's queries (runs in a conversion worker)."""
+    queries, images, strict = context
+    part = _Part(queries, strict)
+    for lineno, qid, key, q in items:
+        where = f"{lineno} qid={qid}"
+        query = _read_side(q["query_txt"], q["query_img_path"], Path(images), part, where, "query")
+        if query is None:
+            part.skipped += 1
+            continue
+        positives = _positives(q["pos"], Path(images), part, where, q["pos_cand_list"])
+        if not positives:
+            part.skipped += 1
+            continue
+        pos_did, pos = positives[0]
+        meta = {
+            "qid": qid,
+            "dataset": dataset_name(qid),
+            "dataset_id": dataset_id(qid),
+            "task": task_name(query.modality, pos.modality),
+            "task_id": TASK_IDS.get((query.modality, pos.modality)),
+            "query_modality": query.modality,
+            "pos_modality": pos.modality,
+            "pos_did": pos_did,
+            "pos_dids": [did for did, _ in positives],
+            "pos_cand_list": q["pos_cand_list"],
+            "neg_cand_list": q["neg_cand_list"],
+        }
+        sides = {("pos" if i == 0 else f"pos.{i}"): side for i, (_, side) in enumerate(positives)}
+        write(_sample(key, meta, query=query, **sides))
+        part.kept += 1
+    return _part_accounting(part)
+
+
+def _count_lines(path: str | os.PathLike) -> int:
+    """Lines of a text file (the progress bar's total), counted in 1 MiB blocks."""
+    n = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            n += block.count(b"\n")
+    return n
+
+
+def _file_id(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()} size={st.st_size} mtime_ns={st.st_mtime_ns}"
 
 
 def convert_train(
@@ -274,6 +345,7 @@ def convert_train(
     out: str | os.PathLike,
     strict: bool = False,
     shard_size: int = 1000,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Write one training record per query into the shard set ``out`` (replaced); returns the report.
 
@@ -283,7 +355,12 @@ def convert_train(
     "dataset", "dataset_id", "task", "task_id", "query_modality", "pos_modality", "pos_did", "pos_dids",
     "pos_cand_list", "neg_cand_list"}: ``pos_dids`` are the dids of the written positive sides, aligned with
     them; ``pos_did``, ``pos_modality`` and the task belong to the first.
-    Key ``sample_key(qid)``; a repeated qid (UniIR's upsampled files repeat queries) gets ``_dupN``.
+    Key ``sample_key(qid)``; a repeated qid (UniIR's upsampled files repeat queries) gets ``_dupN`` (N counts
+    the earlier lines with that qid, kept or skipped).
+
+    ``workers`` processes load the images and write the shards (default: the cores); shard ``i`` holds the
+    queries of lines ``i * shard_size ...`` (fewer when some are skipped), so the output is the same bytes
+    whatever the worker count, and an interrupted run resumes (``unimm.data.convert.parallel``).
     """
     start = time.perf_counter()
     images, out = Path(images), Path(out)
@@ -291,52 +368,39 @@ def convert_train(
     candidates = _read_pool_index(pool_part)
     pool_part.kept = len(candidates)
     seen: Counter[str] = Counter()
-    source = f"M-BEIR queries {Path(queries).resolve()} pool {Path(pool).resolve()}"
-    with replacing_shard_set(
-        out, max_count=shard_size, source=source, converter="unimm.data.convert.mbeir train"
-    ) as w:
-        for lineno, q in _iter_jsonl(query_part, f"queries {Path(queries).name}"):
+
+    def items() -> Iterator[tuple]:
+        for lineno, q in _iter_jsonl(query_part, f"queries {Path(queries).name}", progress_bar=False):
             qid = _id_field(q, "qid", query_part, lineno)
             if qid is None:
                 continue
-            where = f"{lineno} qid={qid}"
-            query = _read_side(
-                q.get("query_txt"), q.get("query_img_path"), images, query_part, where, "query"
-            )
-            if query is None:
-                query_part.skipped += 1
-                continue
-            positives = _positives(q, candidates, images, query_part, where)
-            if not positives:
-                query_part.skipped += 1
-                continue
-            pos_did, pos = positives[0]
             key = sample_key(qid)
             seen[key] += 1
             if seen[key] > 1:
                 key = f"{key}_dup{seen[key] - 1}"
-            meta = {
-                "qid": qid,
-                "dataset": dataset_name(qid),
-                "dataset_id": dataset_id(qid),
-                "task": task_name(query.modality, pos.modality),
-                "task_id": TASK_IDS.get((query.modality, pos.modality)),
-                "query_modality": query.modality,
-                "pos_modality": pos.modality,
-                "pos_did": pos_did,
-                "pos_dids": [did for did, _ in positives],
+            pos = [(did, *candidates[did]) if did in candidates else (did,)
+                   for did in dict.fromkeys(q.get("pos_cand_list") or [])]
+            yield lineno, qid, key, {
+                "query_txt": q.get("query_txt"), "query_img_path": q.get("query_img_path"), "pos": pos,
                 "pos_cand_list": list(q.get("pos_cand_list") or []),
                 "neg_cand_list": list(q.get("neg_cand_list") or []),
             }
-            sides = {("pos" if i == 0 else f"pos.{i}"): side for i, (_, side) in enumerate(positives)}
-            w.write(_sample(key, meta, query=query, **sides))
-            query_part.kept += 1
+
+    source = f"M-BEIR queries {_file_id(Path(queries))} pool {_file_id(Path(pool))}"
+    result = write_shard_set(
+        out, items(), partial(_build_train, (str(queries), str(images), strict)), shard_size=shard_size,
+        mtime=input_mtime(queries, pool), source=source, converter="unimm.data.convert.mbeir train",
+        workers=workers, label=f"train {Path(queries).name}", total=_count_lines(queries),
+    )
+    for accounting in result.accounting:
+        _merge_accounting(query_part, accounting)
     query_part.notes["repeated_qids"] = sum(n - 1 for n in seen.values())
     report = {
         "mode": "train",
         "out": str(out),
         "strict": strict,
         "seconds": round(time.perf_counter() - start, 2),
+        "resumed_shards": result.resumed_shards,
         "queries": query_part.as_dict(),
         "pool": pool_part.as_dict(),
     }
@@ -352,38 +416,97 @@ def _pool_source(pool: Path, images: Path) -> str:
     )
 
 
-def _write_pool(
-    bench: BenchmarkWriter, name: str, part: _Part, images: Path, source: str, shard_size: int
-) -> dict[str, str]:
-    """Write the pool shard set; returns did -> modality of every written candidate."""
+def _build_pool(context: tuple[str, str, bool], items: list[tuple], write) -> dict[str, Any]:
+    """Write the candidates of one pool shard (runs in a conversion worker); accounting with ``modalities``
+    (did -> modality of every written candidate)."""
+    pool, images, strict = context
+    part = _Part(pool, strict)
     modalities: dict[str, str] = {}
-    with bench.pool_writer(
-        name, max_count=shard_size, source=source, converter="unimm.data.convert.mbeir eval"
-    ) as w:
-        for lineno, c in _iter_jsonl(part, f"pool {Path(part.path).name}"):
+    for lineno, did, txt, img_path in items:
+        where = f"{lineno} did={did}"
+        cand = _read_side(txt, img_path, Path(images), part, where, "candidate")
+        if cand is None:
+            part.skipped += 1
+            continue
+        meta = {
+            "did": did,
+            "modality": cand.modality,
+            "dataset": dataset_name(did),
+            "dataset_id": dataset_id(did),
+            "img_path": img_path or None,  # M-BEIR's relative path, for UniRAG output
+        }
+        write(_sample(sample_key(did), meta, cand=cand))
+        modalities[did] = cand.modality
+        part.kept += 1
+    return _part_accounting(part, modalities=modalities)
+
+
+def _write_pool(
+    bench: BenchmarkWriter, name: str, part: _Part, images: Path, source: str, shard_size: int,
+    workers: int | None = None,
+) -> dict[str, str]:
+    """Write the pool shard set; returns did -> modality of every written candidate. A did repeated in the
+    pool file is kept at its first line."""
+    dids: set[str] = set()
+
+    def items() -> Iterator[tuple]:
+        for lineno, c in _iter_jsonl(part, f"pool {Path(part.path).name}", progress_bar=False):
             did = _id_field(c, "did", part, lineno)
             if did is None:
                 continue
-            where = f"{lineno} did={did}"
-            if did in modalities:
-                part.problem("duplicate_did", where)
+            if did in dids:
+                part.problem("duplicate_did", f"{lineno} did={did}")
                 part.skipped += 1
                 continue
-            cand = _read_side(c.get("txt"), c.get("img_path"), images, part, where, "candidate")
-            if cand is None:
-                part.skipped += 1
-                continue
-            meta = {
-                "did": did,
-                "modality": cand.modality,
-                "dataset": dataset_name(did),
-                "dataset_id": dataset_id(did),
-                "img_path": c.get("img_path") or None,  # M-BEIR's relative path, for UniRAG output
-            }
-            w.write(_sample(sample_key(did), meta, cand=cand))
-            modalities[did] = cand.modality
-            part.kept += 1
+            dids.add(did)
+            yield lineno, did, c.get("txt"), c.get("img_path")
+
+    result = write_shard_set(
+        bench.pool_path(name), items(), partial(_build_pool, (part.path, str(images), part.strict)),
+        shard_size=shard_size, mtime=input_mtime(part.path), source=source,
+        converter="unimm.data.convert.mbeir eval", workers=workers, label=f"pool {name}",
+        total=_count_lines(part.path),
+    )
+    bench.add_pool(name)
+    modalities: dict[str, str] = {}
+    for accounting in result.accounting:
+        modalities.update(accounting.pop("modalities"))
+        _merge_accounting(part, accounting)
     return modalities
+
+
+def _build_queries(context: tuple[str, str, str, str, bool], items: list[tuple], write) -> dict[str, Any]:
+    """Write the evaluation queries of one shard (runs in a conversion worker); accounting with ``columns``:
+    (dataset, task, query modality, candidate modality) of every written query."""
+    queries, images, qrels, pool_name, strict = context
+    part = _Part(queries, strict)
+    columns = []
+    for lineno, qid, key, q in items:
+        where = f"{lineno} qid={qid}"
+        query = _read_side(q["query_txt"], q["query_img_path"], Path(images), part, where, "query")
+        if query is None:
+            part.skipped += 1
+            continue
+        if not q["relevant"]:
+            part.problem("no_qrels", where, f"no relevant did in {qrels}")
+        for did in q["not_in_pool"]:
+            part.problem("qrel_not_in_pool", where, f"relevant did={did} is not in pool {pool_name}")
+        cand_modality = q["cand_modality"]
+        task = task_name(query.modality, cand_modality) if cand_modality else "unknown"
+        meta = {
+            "qid": qid,
+            "dataset": dataset_name(qid),
+            "dataset_id": dataset_id(qid),
+            "task": task,
+            "task_id": TASK_IDS.get((query.modality, cand_modality)),
+            "query_modality": query.modality,
+            "query_img_path": q["query_img_path"] or None,
+            "pos_cand_list": q["pos_cand_list"],
+        }
+        write(_sample(key, meta, query=query))
+        part.kept += 1
+        columns.append((meta["dataset"], task, query.modality, cand_modality or "unknown"))
+    return _part_accounting(part, columns=columns)
 
 
 def _reusable_pool(path: Path, source: str) -> dict[str, str] | None:
@@ -451,6 +574,7 @@ def convert_eval(
     report_k: int = 5,
     strict: bool = False,
     shard_size: int = 1000,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Add evaluation ``name`` to the benchmark folder ``out``; returns the report.
 
@@ -475,67 +599,48 @@ def convert_eval(
         _copy_written_report(out, pool_name, pool, pool_part)
         bench.add_pool(pool_name)
     else:
-        modalities = _write_pool(bench, pool_name, pool_part, images, source, shard_size)
+        modalities = _write_pool(bench, pool_name, pool_part, images, source, shard_size, workers)
     pool_part.notes["pool"] = pool_name
     pool_part.notes["reused"] = reused
 
-    columns: dict[str, Counter[str]] = {
-        c: Counter() for c in ("dataset", "task", "query_modality", "cand_modality")
-    }
     keys: set[str] = set()
-    with bench.query_writer(
-        name,
-        max_count=shard_size,
-        source=f"M-BEIR queries {Path(queries).resolve()}",
-        converter="unimm.data.convert.mbeir eval",
-    ) as w:
-        for lineno, q in _iter_jsonl(query_part, f"queries {Path(queries).name}"):
+
+    def items() -> Iterator[tuple]:
+        for lineno, q in _iter_jsonl(query_part, f"queries {Path(queries).name}", progress_bar=False):
             qid = _id_field(q, "qid", query_part, lineno)
             if qid is None:
                 continue
-            where = f"{lineno} qid={qid}"
             key = sample_key(qid)
             if key in keys:
-                query_part.problem("duplicate_qid", where)
+                query_part.problem("duplicate_qid", f"{lineno} qid={qid}")
                 query_part.skipped += 1
                 continue
-            query = _read_side(
-                q.get("query_txt"), q.get("query_img_path"), images, query_part, where, "query"
-            )
-            if query is None:
-                query_part.skipped += 1
-                continue
+            keys.add(key)
             positives = relevant.get(qid, set())
-            if not positives:
-                query_part.problem("no_qrels", where, f"no relevant did in {qrels}")
-            for did in sorted(positives - modalities.keys()):
-                query_part.problem(
-                    "qrel_not_in_pool", where, f"relevant did={did} is not in pool {pool_name}"
-                )
             # the candidate modality comes from the first positive in the pool, in pos_cand_list order
             ordered = [d for d in (q.get("pos_cand_list") or []) if d in positives] + sorted(positives)
-            cand_modality = next((modalities[d] for d in ordered if d in modalities), None)
-            task = task_name(query.modality, cand_modality) if cand_modality else "unknown"
-            meta = {
-                "qid": qid,
-                "dataset": dataset_name(qid),
-                "dataset_id": dataset_id(qid),
-                "task": task,
-                "task_id": TASK_IDS.get((query.modality, cand_modality)),
-                "query_modality": query.modality,
-                "query_img_path": q.get("query_img_path") or None,
+            yield lineno, qid, key, {
+                "query_txt": q.get("query_txt"), "query_img_path": q.get("query_img_path"),
+                "relevant": bool(positives), "not_in_pool": sorted(positives - modalities.keys()),
+                "cand_modality": next((modalities[d] for d in ordered if d in modalities), None),
                 "pos_cand_list": list(q.get("pos_cand_list") or []),
             }
-            w.write(_sample(key, meta, query=query))
-            keys.add(key)
-            query_part.kept += 1
-            for column, value in (
-                ("dataset", meta["dataset"]),
-                ("task", task),
-                ("query_modality", query.modality),
-                ("cand_modality", cand_modality or "unknown"),
-            ):
+
+    result = write_shard_set(
+        bench.queries_path(name), items(),
+        partial(_build_queries, (str(queries), str(images), str(qrels), pool_name, strict)),
+        shard_size=shard_size, mtime=input_mtime(queries), source=f"M-BEIR queries {_file_id(Path(queries))}",
+        converter="unimm.data.convert.mbeir eval", workers=workers, label=f"queries {name}",
+        total=_count_lines(queries),
+    )
+    columns: dict[str, Counter[str]] = {
+        c: Counter() for c in ("dataset", "task", "query_modality", "cand_modality")
+    }
+    for accounting in result.accounting:
+        for row in accounting.pop("columns"):
+            for column, value in zip(columns, row):
                 columns[column][value] += 1
+        _merge_accounting(query_part, accounting)
     with open(qrels) as f:
         bench.write_qrels(name, f)
     bench.add_evaluation(
@@ -571,3 +676,109 @@ def _save_report(out: Path, name: str, report: dict[str, Any]) -> None:
             f"problems: {problems}"
         )
     print(f"[{name}] report: {path}")
+
+
+# The 16 M-BEIR test evaluations of the paper with their local pools (MSCOCO's are its separate test pools) and
+# cutoffs, as UniIR's configs_scripts/large/eval/inbatch/{embed,retrieval}.yaml: (evaluation, pool, ks, report k)
+LOCAL_EVALUATIONS: tuple[tuple[str, str, tuple[int, ...], int], ...] = tuple(
+    (name, pool, (10, 20, 50) if name.startswith("fashion") else (1, 5, 10), 10 if name.startswith("fashion") else 5)
+    for name, pool in (
+        ("visualnews_task0", "visualnews_task0"),
+        ("mscoco_task0", "mscoco_task0_test"),
+        ("fashion200k_task0", "fashion200k_task0"),
+        ("webqa_task1", "webqa_task1"),
+        ("edis_task2", "edis_task2"),
+        ("webqa_task2", "webqa_task2"),
+        ("visualnews_task3", "visualnews_task3"),
+        ("mscoco_task3", "mscoco_task3_test"),
+        ("fashion200k_task3", "fashion200k_task3"),
+        ("nights_task4", "nights_task4"),
+        ("oven_task6", "oven_task6"),
+        ("infoseek_task6", "infoseek_task6"),
+        ("fashioniq_task7", "fashioniq_task7"),
+        ("cirr_task7", "cirr_task7"),
+        ("oven_task8", "oven_task8"),
+        ("infoseek_task8", "infoseek_task8"),
+    )
+)
+# the training set of every UniIR recipe (upsampled union) and its pool, relative to the M-BEIR root
+TRAIN_QUERIES = "query/union_train/mbeir_union_up_train.jsonl"
+TRAIN_POOL = "cand_pool/global/mbeir_union_train_cand_pool.jsonl"
+INSTRUCTIONS = "instructions/query_instructions.tsv"
+
+
+def release_files(name: str, pool: str) -> tuple[str, str, str]:
+    """(queries, pool, qrels) of a test evaluation in the official release, relative to the M-BEIR root."""
+    return (f"query/test/mbeir_{name}_test.jsonl", f"cand_pool/local/mbeir_{pool}_cand_pool.jsonl",
+            f"qrels/test/mbeir_{name}_test_qrels.txt")
+
+
+def _already_converted(shard_set: Path, source: str) -> bool:
+    try:
+        return read_index(shard_set).source == source
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def convert_all(
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    only: list[str] | None = None,
+    strict: bool = False,
+    shard_size: int = 1000,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Prepare the whole M-BEIR benchmark from the official release folder ``root`` into ``out``:
+
+    - ``out/train/union_up``: the training set (:data:`TRAIN_QUERIES` with :data:`TRAIN_POOL`);
+    - ``out/instructions/query_instructions.tsv``: UniIR's instruction table (copied);
+    - ``out/eval_local``: the 16 evaluations of :data:`LOCAL_EVALUATIONS` with their local pools and the
+      paper's cutoffs. The global pool (``eval=mbeir_global``) is the union of these pools, concatenated at
+      evaluation time as UniIR concatenates the local pools' embeddings, so it needs no conversion of its own.
+
+    ``only``: a subset of ``train`` and evaluation names. Every input file is checked before anything is
+    written (a missing one is named). A part already converted from the same files (same size and mtime) is
+    skipped, and an interrupted part resumes where it stopped, so the command can simply be run again.
+    Returns ``{part: report or "already converted"}``.
+    """
+    root, out = Path(root), Path(out)
+    names = [e[0] for e in LOCAL_EVALUATIONS]
+    wanted = list(only) if only else ["train", *names]
+    unknown = [w for w in wanted if w != "train" and w not in names]
+    if unknown:
+        raise ValueError(f"unknown M-BEIR part(s) {unknown}; valid: {['train', *names]}")
+    parts = {"train": (TRAIN_QUERIES, TRAIN_POOL)} if "train" in wanted else {}
+    parts.update({name: release_files(name, pool) for name, pool, _, _ in LOCAL_EVALUATIONS if name in wanted})
+    missing = sorted({str(root / f) for files in parts.values() for f in files if not (root / f).is_file()})
+    if missing:
+        raise FileNotFoundError(f"{root} is not a complete M-BEIR release (expected the layout of the HF dataset "
+                                f"TIGER-Lab/M-BEIR); missing {len(missing)} file(s): {missing[:8]}")
+    reports: dict[str, Any] = {}
+    if "train" in parts:
+        queries, pool = (root / f for f in parts.pop("train"))
+        train_out = out / "train" / "union_up"
+        if _already_converted(train_out, f"M-BEIR queries {_file_id(queries)} pool {_file_id(pool)}"):
+            reports["train"] = "already converted"
+        else:
+            reports["train"] = convert_train(queries, pool, root, train_out, strict, shard_size, workers)
+        if (root / INSTRUCTIONS).is_file():
+            (out / "instructions").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / INSTRUCTIONS, out / INSTRUCTIONS)
+    bench = out / "eval_local"
+    done = {e["name"] for e in BenchmarkWriter(bench).existing()["evaluations"]}
+    for name, _, ks, report_k in LOCAL_EVALUATIONS:
+        if name not in parts:
+            continue
+        queries, pool, qrels = (root / f for f in parts[name])
+        pool_name = pool.stem
+        if (name in done and _already_converted(bench / "queries" / name, f"M-BEIR queries {_file_id(queries)}")
+                and _already_converted(bench / "pools" / pool_name, _pool_source(pool, root))):
+            reports[name] = "already converted"
+            continue
+        reports[name] = convert_eval(name, queries, pool, qrels, root, bench, pool_name=pool_name, ks=ks,
+                                     report_k=report_k, strict=strict, shard_size=shard_size, workers=workers)
+    for part, report in reports.items():
+        if report == "already converted":
+            print(f"[{part}] already converted from the same files: kept")
+    return reports
