@@ -13,6 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import open_dict
 from safetensors.torch import save_file
 
 import unimm.eval.cli as eval_cli
@@ -20,13 +21,28 @@ import unimm.train as train_cli
 from tests.conftest import REPO, run_cli, single_run_dir
 from tests.test_uniir_checkpoint import _save_official, blip_official, clip_official
 from unimm.checkpoints.released import REPORT_FILE
+from unimm.data.toy import ensure_toy
+
+# a small toy set (the same generator, fewer records): loading is what is tested, evaluation only has to run
+MINI_TOY = {"seed": 0, "n_train_per_task": 40, "n_eval_queries": 12, "n_pool_images": 40}
+MINI_OVERRIDES = [f"+data.prepare.{k}={v}" for k, v in MINI_TOY.items() if k != "seed"]
+
+
+@pytest.fixture(scope="module")
+def mini_data_dir(tmp_path_factory) -> Path:
+    """The small toy set; the cluster-discrimination experiments use the session's full toy set instead (their
+    data preparation builds the cluster labels of the full set, shared with tests/test_cluster_disc_e2e.py)."""
+    data_dir = tmp_path_factory.mktemp("mini")
+    ensure_toy(data_dir / "toy", **MINI_TOY)
+    return data_dir
 
 
 def _compose(root: str, experiment: str, data_dir: Path, out: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(root, overrides=[f"+experiment={experiment}", f"paths.data_dir={data_dir}",
                                         f"paths.root_dir={out}", f"paths.output_dir={out}", "logger=none",
-                                        "data.num_workers=0", *overrides])
+                                        "data.num_workers=0", *(MINI_OVERRIDES if data_dir.name.startswith("mini") else []),
+                                        *overrides])
 
 
 def _source(experiment: str, data_dir: Path, tmp: Path, *overrides: str):
@@ -74,7 +90,9 @@ def _run_both(experiment: str, data_dir: Path, tmp: Path, path: Path, probes: di
     assert metrics and all(v == v for v in metrics.values())  # evaluated, no NaN
     eval_report = json.loads((tmp / "eval" / REPORT_FILE).read_text())
     tcfg = _compose("train", experiment, data_dir, tmp / "train", f"pretrained.path={path}", "trainer.max_steps=1",
-                    "eval=none", *overrides)
+                    *overrides)
+    with open_dict(tcfg):
+        tcfg.eval = None  # a training step only (the experiment's eval block would survive eval=none)
     train_cli.train(tcfg)
     assert (tmp / "train" / "checkpoints" / "last.ckpt").is_file()
     report = json.loads((tmp / "train" / REPORT_FILE).read_text())
@@ -85,9 +103,9 @@ def _run_both(experiment: str, data_dir: Path, tmp: Path, path: Path, probes: di
 
 # -- UniIR --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", ["clip_sf", "clip_ff", "blip_sf", "blip_ff"])
-def test_uniir_pth(variant, toy_data_dir, tmp_path, monkeypatch):
+def test_uniir_pth(variant, mini_data_dir, tmp_path, monkeypatch):
     experiment = f"uniir_{variant}_tiny"
-    source = _source(experiment, toy_data_dir, tmp_path)
+    source = _source(experiment, mini_data_dir, tmp_path)
     official = (clip_official if variant.startswith("clip") else blip_official)(source)
     path = _save_official(tmp_path / f"{variant}_large.pth", official)
     if variant.startswith("clip"):
@@ -101,7 +119,7 @@ def test_uniir_pth(variant, toy_data_dir, tmp_path, monkeypatch):
     if variant == "clip_ff":
         probes["fusion.t5_layers.block.0.layer.0.SelfAttention.q.weight"] = \
             official["t5_layers.block.0.layer.0.SelfAttention.q.weight"]
-    report = _run_both(experiment, toy_data_dir, tmp_path, path, probes, monkeypatch=monkeypatch)
+    report = _run_both(experiment, mini_data_dir, tmp_path, path, probes, monkeypatch=monkeypatch)
     assert report["loader"] == "unimm.checkpoints.uniir.load_uniir_checkpoint"
     assert set(report["mapped"]) == set(official) - set(report["dropped"])
     if variant == "clip_sf":
@@ -118,10 +136,10 @@ VLMO_RENAMES = ((r"relative_position.table", "relative_position_bias_table"), ("
                 ("heads.itm.", "itm_score.fc."), ("heads.mlm.", "mlm_score."))
 
 
-def test_vlmo_pt(toy_data_dir, tmp_path, monkeypatch):
-    source = _source("vlmo_tiny", toy_data_dir, tmp_path).encoder
+def _vlmo_official(encoder) -> dict[str, torch.Tensor]:
+    """The official vlmo_module.py state dict of ``encoder`` (renamed by the test), with the release's stale buffers."""
     official = {}
-    for key, value in source.state_dict().items():  # the official vlmo_module.py names, renamed by the test
+    for key, value in encoder.state_dict().items():
         if key.startswith("heads.itc."):
             name = key.removeprefix("heads.itc.")
             official[name if "scale" in name else f"itc_{name.removesuffix('.weight')}_proj.fc.weight"] = \
@@ -130,22 +148,46 @@ def test_vlmo_pt(toy_data_dir, tmp_path, monkeypatch):
         for ours, theirs in VLMO_RENAMES:
             key = key.replace(ours, theirs) if key.startswith(ours) else key
         official[key] = value.clone()
-    official["relative_position_index"] = torch.zeros(17, 17, dtype=torch.long)  # stale buffers of the release
+    official["relative_position_index"] = torch.zeros(17, 17, dtype=torch.long)
     official["text_embeddings.position_ids"] = torch.arange(32)[None]
+    return official
+
+
+def test_vlmo_pt(mini_data_dir, tmp_path, monkeypatch):
+    official = _vlmo_official(_source("vlmo_tiny", mini_data_dir, tmp_path).encoder)
     torch.save({"state_dict": official}, tmp_path / "vlmo_tiny.pt")
     probes = {"relative_position.table": official["relative_position_bias_table"],
               "heads.itc.logit_scale": official["logit_scale"].reshape(1),
               "transformer.blocks.0.attn.qkv.weight": official["transformer.blocks.0.attn.qkv.weight"]}
-    report = _run_both("vlmo_tiny", toy_data_dir, tmp_path, tmp_path / "vlmo_tiny.pt",
+    report = _run_both("vlmo_tiny", mini_data_dir, tmp_path, tmp_path / "vlmo_tiny.pt",
                        {f"encoder.{k}": v for k, v in probes.items()}, monkeypatch=monkeypatch)
     assert set(report["dropped"]) == {"relative_position_index", "text_embeddings.position_ids"}
     assert report["reshaped"]["logit_scale"] == [[], [1]] and report["kept"] == {}
     assert len(report["mapped"]) == len(official) - 2
 
 
+def test_vlmo_finetuning_experiments_build_the_encoder_from_pretrained_path(mini_data_dir, tmp_path):
+    """The stage-3 / *_ft experiments build the encoder from pretrained.path (vlmo_from_checkpoint) and the
+    vlmo_init loader returns that build's report instead of loading twice."""
+    from unimm.checkpoints.released import apply_pretrained
+
+    official = _vlmo_official(_source("vlmo_tiny", mini_data_dir, tmp_path).encoder)
+    torch.save({"state_dict": official}, tmp_path / "vlmo.pt")
+    as_ft = ["model.encoder._target_=unimm.checkpoints.vlmo.vlmo_from_checkpoint", "+model.encoder.path=${pretrained.path}",
+             "+model.encoder.allow_missing=[]", "pretrained@model.pretrained=vlmo_init"]
+    cfg = _compose("train", "vlmo_tiny", mini_data_dir, tmp_path / "run", f"pretrained.path={tmp_path / 'vlmo.pt'}", *as_ft)
+    module = instantiate(cfg.model)
+    report = apply_pretrained(module, cfg)
+    assert report is module.encoder.load_report and report.source == str(tmp_path / "vlmo.pt")
+    torch.testing.assert_close(module.encoder.relative_position.table, official["relative_position_bias_table"])
+    cfg = _compose("train", "vlmo_tiny", mini_data_dir, tmp_path / "run", *as_ft)
+    with pytest.raises(Exception, match="set pretrained.path"):  # no checkpoint to start from: named, not a TypeError
+        instantiate(cfg.model)
+
+
 # -- FROMAGe ------------------------------------------------------------------------------------------------------
-def test_fromage_pruned_checkpoint(toy_data_dir, tmp_path, monkeypatch):
-    trainable = _source("fromage_tiny", toy_data_dir, tmp_path).encoder.trainable_state()
+def test_fromage_pruned_checkpoint(mini_data_dir, tmp_path, monkeypatch):
+    trainable = _source("fromage_tiny", mini_data_dir, tmp_path).encoder.trainable_state()
     official = {"model.logit_scale": trainable["logit_scale"].reshape(()),  # fromage/prune_model_ckpt.py names
                 "model.visual_embeddings.weight": trainable["prefix.weight"],
                 "model.visual_embeddings.bias": trainable["prefix.bias"],
@@ -158,7 +200,7 @@ def test_fromage_pruned_checkpoint(toy_data_dir, tmp_path, monkeypatch):
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in official.items()}}, path)
     probes = {"encoder.prefix.weight": official["model.visual_embeddings.weight"],
               "encoder.logit_scale": official["model.logit_scale"].reshape(1)}
-    report = _run_both("fromage_tiny", toy_data_dir, tmp_path, path, probes, monkeypatch=monkeypatch)
+    report = _run_both("fromage_tiny", mini_data_dir, tmp_path, path, probes, monkeypatch=monkeypatch)
     assert report["loader"] == "unimm.checkpoints.frozen_lm.load_fromage"
     assert report["mapped"]["model.visual_fc.weight"] == "image_head.weight" and len(report["mapped"]) == 8
     assert report["reshaped"] == {"logit_scale": [[], [1]]}
@@ -209,7 +251,7 @@ def test_unicom_rejects_unknown_and_missing_keys(toy_data_dir, tmp_path):
 def test_mlcd_hf_folder(toy_data_dir, tmp_path, monkeypatch):
     tower = _source("mlcd_tiny", toy_data_dir, tmp_path).encoder.model
     tower.save_pretrained(tmp_path / "mlcd-tiny")  # transformers' own layout, as DeepGlint-AI/mlcd-vit-*
-    key = "vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    key = next(k for k in tower.state_dict() if ".layers.0." in k and k.endswith("q_proj.weight"))
     probes = {f"encoder.model.{key}": tower.state_dict()[key]}
     report = _run_both("mlcd_tiny", toy_data_dir, tmp_path, tmp_path / "mlcd-tiny", probes, monkeypatch=monkeypatch)
     assert len(report["mapped"]) == len(tower.state_dict()) and report["dropped"] == {}
@@ -227,21 +269,25 @@ def _phi_official(name: str) -> str:
     return next(theirs + name[len(ours):] for ours, theirs in PHI_OFFICIAL if name.startswith(ours))
 
 
-def test_vlm2vec_phi35v_full_folder(toy_data_dir, tmp_path, monkeypatch):
-    model = _source("vlm2vec_phi35v_tiny", toy_data_dir, tmp_path).backbone.model
+def _phi_ours(name: str) -> str:
+    return next(ours + name[len(theirs):] for ours, theirs in PHI_OFFICIAL if name.startswith(theirs))
+
+
+def test_vlm2vec_phi35v_full_folder(mini_data_dir, tmp_path, monkeypatch):
+    model = _source("vlm2vec_phi35v_tiny", mini_data_dir, tmp_path).backbone.model
     official = {_phi_official(k): v.clone() for k, v in model.state_dict().items()}
     official["lm_head.weight"] = torch.randn_like(official["model.embed_tokens.weight"])
     (tmp_path / "VLM2Vec-Full").mkdir()
     save_file(official, str(tmp_path / "VLM2Vec-Full" / "model.safetensors"))
     probes = {"backbone.model.language_model.layers.1.self_attn.qkv_proj.weight": official["model.layers.1.self_attn.qkv_proj.weight"],
               "backbone.model.vision.sub_GN": official["model.vision_embed_tokens.sub_GN"]}
-    report = _run_both("vlm2vec_phi35v_tiny", toy_data_dir, tmp_path, tmp_path / "VLM2Vec-Full", probes,
+    report = _run_both("vlm2vec_phi35v_tiny", mini_data_dir, tmp_path, tmp_path / "VLM2Vec-Full", probes,
                        monkeypatch=monkeypatch)
     assert list(report["dropped"]) == ["lm_head.weight"] and report["kept"] == {}
 
 
-def test_vlm2vec_phi35v_lora_adapter(toy_data_dir, tmp_path, monkeypatch):
-    source = _source("vlm2vec_phi35v_tiny", toy_data_dir, tmp_path, "+model.lora={rank:2,alpha:4,use_dora:true}")
+def test_vlm2vec_phi35v_lora_adapter(mini_data_dir, tmp_path, monkeypatch):
+    source = _source("vlm2vec_phi35v_tiny", mini_data_dir, tmp_path, "+model.lora={rank:2,alpha:4,use_dora:true}")
     source.backbone.model.save_pretrained(tmp_path / "ours-adapter")  # peft layout, our module names
     from safetensors.torch import load_file
 
@@ -256,20 +302,21 @@ def test_vlm2vec_phi35v_lora_adapter(toy_data_dir, tmp_path, monkeypatch):
     save_file(official, str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text((tmp_path / "ours-adapter" / "adapter_config.json").read_text())
     key = next(k for k in official if ".lora_B." in k and "qkv_proj" in k)
-    our_key = key.replace("model.layers.", "model.language_model.layers.", 1).replace(".lora_B.", ".lora_B.default.")
+    module, _, tail = key.removeprefix(prefix).partition(".lora_B.")
+    our_key = f"{prefix}{_phi_ours(module)}.lora_B.default.{tail}"
     probes = {f"backbone.model.{our_key}": official[key]}
-    report = _run_both("vlm2vec_phi35v_tiny", toy_data_dir, tmp_path, folder, probes,
+    report = _run_both("vlm2vec_phi35v_tiny", mini_data_dir, tmp_path, folder, probes,
                        "+model.lora={rank:2,alpha:4,use_dora:true}", monkeypatch=monkeypatch)
     assert report["loader"] == "unimm.checkpoints.vlm.load_adapter_folder"
     assert len(report["mapped"]) == len(official) and any("lora_magnitude_vector" in k for k in report["mapped"])
     with pytest.raises(ValueError, match="lora_alpha"):  # adapter settings are checked against model.lora
-        cfg = _compose("eval", "vlm2vec_phi35v_tiny", toy_data_dir, tmp_path / "bad", f"pretrained.path={folder}",
+        cfg = _compose("eval", "vlm2vec_phi35v_tiny", mini_data_dir, tmp_path / "bad", f"pretrained.path={folder}",
                        "+model.lora={rank:2,alpha:8,use_dora:true}")
         eval_cli.released_run(cfg)
 
 
-def test_vlm2vec_qwen2vl_full_folder_legacy_layout(toy_data_dir, tmp_path, monkeypatch):
-    model = _source("vlm2vec_tiny", toy_data_dir, tmp_path).backbone.model
+def test_vlm2vec_qwen2vl_full_folder_legacy_layout(mini_data_dir, tmp_path, monkeypatch):
+    model = _source("vlm2vec_tiny", mini_data_dir, tmp_path).backbone.model
     # transformers < 4.52 Qwen2VLForConditionalGeneration names, as VLM2Vec-Qwen2VL folders hold them
     official = {(f"model.{k.removeprefix('language_model.')}" if k.startswith("language_model.") else k): v.clone()
                 for k, v in model.state_dict().items()}
@@ -278,11 +325,12 @@ def test_vlm2vec_qwen2vl_full_folder_legacy_layout(toy_data_dir, tmp_path, monke
     save_file(official, str(tmp_path / "qwen" / "model.safetensors"))
     probes = {"backbone.model.language_model.layers.0.mlp.up_proj.weight": official["model.layers.0.mlp.up_proj.weight"],
               "backbone.model.visual.blocks.0.attn.qkv.weight": official["visual.blocks.0.attn.qkv.weight"]}
-    report = _run_both("vlm2vec_tiny", toy_data_dir, tmp_path, tmp_path / "qwen", probes, monkeypatch=monkeypatch)
+    report = _run_both("vlm2vec_tiny", mini_data_dir, tmp_path, tmp_path / "qwen", probes, monkeypatch=monkeypatch)
     assert report["mapped"]["model.layers.0.mlp.up_proj.weight"] == "language_model.layers.0.mlp.up_proj.weight"
 
 
 def test_e5v_llava_full_folder_legacy_layout(toy_data_dir, tmp_path, monkeypatch):
+    # the full toy set: e5v_tiny's data preparation (toy NLI) builds it
     model = _source("e5v_tiny", toy_data_dir, tmp_path).backbone.model
     # older LlavaForConditionalGeneration names (language_model.model.*), as E5-V / LLaVA folders hold them
     official = {(f"language_model.model.{k.removeprefix('language_model.')}" if k.startswith("language_model.") else k):
@@ -305,7 +353,22 @@ def test_cli_evaluates_a_released_unicom_file(toy_data_dir, tmp_path):
     proc = run_cli("unimm.eval", "+experiment=unicom_tiny", f"paths.data_dir={toy_data_dir}",
                    f"paths.log_dir={tmp_path / 'logs'}", f"pretrained.path={tmp_path / 'FP16-ViT-tiny.pt'}",
                    "logger=none", "data.num_workers=0", cwd=tmp_path)
-    run = single_run_dir(tmp_path / "logs", "eval", "evals")
+    run = single_run_dir(tmp_path / "logs", "unicom_tiny", "evals")
     report = json.loads((run / REPORT_FILE).read_text())
     assert report["counts"]["mapped"] == len(official)
     assert "loaded" in proc.stdout + proc.stderr and "unimm.checkpoints.unicom.load_unicom_vit" in proc.stdout + proc.stderr
+
+
+def test_unimoco_llava_next_full_folder_current_layout(mini_data_dir, tmp_path, monkeypatch):
+    module = _source("unimoco_tiny", mini_data_dir, tmp_path)
+    # transformers >= 4.52 LlavaNextForConditionalGeneration names: everything under model., the head beside it
+    official = {f"model.{k}": v.clone() for k, v in module.backbone.model.state_dict().items()}
+    official["lm_head.weight"] = torch.randn_like(official["model.language_model.embed_tokens.weight"])
+    (tmp_path / "unimoco").mkdir()
+    save_file(official, str(tmp_path / "unimoco" / "model.safetensors"))
+    tower = next(k for k in official if k.startswith("model.vision_tower.") and k.endswith("fc1.weight"))
+    probes = {"backbone.model.image_newline": official["model.image_newline"],
+              f"backbone.{tower}": official[tower]}
+    report = _run_both("unimoco_tiny", mini_data_dir, tmp_path, tmp_path / "unimoco", probes, monkeypatch=monkeypatch)
+    assert list(report["dropped"]) == ["lm_head.weight"]
+    assert report["kept"] and all(k.startswith("completion.") for k in report["kept"])  # not in a backbone folder
