@@ -55,8 +55,10 @@ with the same number of elements, and every tensor of the module must be loaded,
 fusion head declares unused (``fusion.unused_encoder_keys``: CLIP_FF's text projection, BLIP_SF's text pooler,
 BLIP_FF's projections, BLIP's ``logit_scale``); anything else is an error naming the keys.
 
-``python -m unimm.checkpoints.uniir +experiment=uniir_clip_sf_large model.encoder.path=... official=clip_sf_large.pth
-out=clip_sf_large.ckpt`` writes a checkpoint that ``python -m unimm.eval ckpt_path=...`` evaluates.
+The UniIR experiments load a released file directly with ``pretrained.path=clip_sf_large.pth`` on ``python -m
+unimm.eval`` / ``unimm.train`` (:mod:`unimm.checkpoints.released`); ``python -m unimm.checkpoints.uniir
++experiment=uniir_clip_sf_large model.encoder.path=... official=clip_sf_large.pth out=clip_sf_large.ckpt`` writes a
+unimm run checkpoint of it instead, which ``python -m unimm.eval ckpt_path=...`` evaluates.
 """
 
 from __future__ import annotations
