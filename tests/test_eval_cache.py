@@ -18,7 +18,15 @@ from unimm.data.benchmark import BenchmarkWriter
 from unimm.data.collate import RetrievalCollator
 from unimm.data.datamodule import ShardDataModule
 from unimm.data.records import Item, make_sample
-from unimm.eval.cache import LOCK_FILE, claim, describe, release, shard_set_identity, try_lock, weights_fingerprint
+from unimm.eval.cache import (
+    LOCK_FILE,
+    claim,
+    describe,
+    release,
+    shard_set_identity,
+    try_lock,
+    weights_fingerprint,
+)
 from unimm.eval.retrieval import RetrievalEvaluator
 from unimm.models.processors import word_level_processor
 
@@ -180,3 +188,10 @@ def test_lock_primitives(tmp_path):
     assert not (folder / LOCK_FILE).exists()
     (folder / "embeddings.npy").write_bytes(b"")
     assert claim(folder, wait_s=0) == (folder, False)  # complete: read it
+
+
+def test_fingerprint_from_rank_zero_alone_is_safe():
+    """results records call it on rank 0 only: without all_ranks it is no collective (and equals the DDP value)."""
+    import inspect
+
+    assert inspect.signature(weights_fingerprint).parameters["all_ranks"].default is False

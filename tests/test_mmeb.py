@@ -183,7 +183,7 @@ def _duplicate_lists(seed: int = 0, rows: int = 60):
 
     rng = np.random.default_rng(seed)
     cases = []
-    for r in range(rows):
+    for _ in range(rows):
         dim = int(rng.choice([1536, 3072, 3584, 4096]))
         n = int(rng.integers(5, 40))
         positive = rng.standard_normal(dim).astype(np.float16)

@@ -132,7 +132,7 @@ def test_make_train_leaves_run_files_beside_metrics_json(toy_data_dir, tmp_path)
     folder = run_dir / "per_query"
     manifest = json.loads((folder / "manifest.json").read_text())["evaluations"]
     assert set(manifest) == {"toy_t2i", "toy_i2t", "toy_it2i"}
-    for name, entry in manifest.items():
+    for entry in manifest.values():
         run = read_trec(folder / entry["trec"])
         rows = (folder / entry["jsonl"]).read_text().splitlines()
         assert len(run) == len(rows) == 200 and all(len(v) == entry["k"] == 10 for v in run.values())

@@ -65,7 +65,13 @@ def local_weights_fingerprint(module: torch.nn.Module) -> str:
     dtype or shape changes it; the device does not."""
     digest = xxhash.xxh3_128()
     digest.update(type(module).__qualname__.encode())
+    # DeepSpeed ZeRO-3 leaves empty placeholders in the state dict and keeps this rank's share in `ds_tensor`:
+    # hash the share (weights_fingerprint combines the ranks), never the placeholder alone
+    shares = {n: p.ds_tensor for n, p in module.named_parameters() if getattr(p, "ds_tensor", None) is not None}
     for name, value in sorted(module.state_dict().items()):
+        if name in shares:
+            value = shares[name]
+            digest.update(b"\0zero3-share")
         if isinstance(value, torch.Tensor):
             digest.update(f"\0{name}\0{value.dtype}\0{tuple(value.shape)}\0".encode())
             for chunk in _tensor_bytes(value):
@@ -75,16 +81,17 @@ def local_weights_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def weights_fingerprint(module: torch.nn.Module) -> str:
+def weights_fingerprint(module: torch.nn.Module, all_ranks: bool = False) -> str:
     """A 32-hex-digit fingerprint of a module's weights (its full state dict, bit for bit, with names, dtypes and
     shapes), the same on CPU and GPU. Reads every byte once (xxh3, several GB/s).
 
-    Under torch.distributed every rank must call it: when the ranks hold different views (sharded parameters,
-    e.g. FSDP / ZeRO-3 partitions) the result combines all of them in rank order; when every rank holds the same
-    weights (DDP) it equals the single-process fingerprint.
+    With ``all_ranks=True`` (a collective: every rank must call it, as the evaluator does) ranks holding different
+    views (sharded parameters: FSDP, ZeRO-3 partitions) are combined in rank order; when every rank holds the same
+    weights (DDP) the result equals the single-process fingerprint. The default is this process's view only, safe
+    to call from rank 0 alone (exact unless the parameters are sharded).
     """
     local = local_weights_fingerprint(module)
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not (all_ranks and torch.distributed.is_available() and torch.distributed.is_initialized()):
         return local
     views: list[str | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(views, local)

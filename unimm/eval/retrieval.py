@@ -28,7 +28,15 @@ import torch
 from unimm.data.benchmark import EvaluationSpec, load_benchmark, read_qrels
 from unimm.data.shards import read_index
 from unimm.data.stream import DataError, fetch_records
-from unimm.eval.cache import CACHE_FORMAT, cache_key, claim, describe, release, shard_set_identity, weights_fingerprint
+from unimm.eval.cache import (
+    CACHE_FORMAT,
+    cache_key,
+    claim,
+    describe,
+    release,
+    shard_set_identity,
+    weights_fingerprint,
+)
 from unimm.eval.index import EmbeddingIndex
 from unimm.eval.metrics import count_no_positive, retrieval_metrics
 from unimm.eval.per_query import PerQueryWriter, safe_name
@@ -178,7 +186,8 @@ class RetrievalEvaluator:
         """Everything that determines the embeddings of ``shard_set`` (hashed into the cache folder name)."""
         if self._model_key is None or self._model_key[0] is not module:
             self._model_key = (module, {
-                "format": CACHE_FORMAT, "weights": weights_fingerprint(module), "module": type(module).__qualname__,
+                "format": CACHE_FORMAT, "weights": weights_fingerprint(module, all_ranks=True),
+                "module": type(module).__qualname__,
                 "processor": describe(datamodule.processor), "collator": describe(datamodule.collator),
                 "eval_batch_size": getattr(datamodule, "eval_batch_size", None),
                 "eval_sort_window": getattr(datamodule, "eval_sort_window", None),
