@@ -190,8 +190,21 @@ def test_lock_primitives(tmp_path):
     assert claim(folder, wait_s=0) == (folder, False)  # complete: read it
 
 
-def test_fingerprint_from_rank_zero_alone_is_safe():
-    """results records call it on rank 0 only: without all_ranks it is no collective (and equals the DDP value)."""
-    import inspect
+def _fingerprints(rank, world):
+    module = WordEmbedder(seed=11)
+    alone = weights_fingerprint(module) if rank == 0 else ""  # rank 0 alone: must not wait for the others
+    same = weights_fingerprint(module, all_ranks=True)
+    with torch.no_grad():  # each rank now holds other weights, as a sharded model's ranks hold other parts
+        module.table.weight.add_(rank)
+    return [alone, same, weights_fingerprint(module, all_ranks=True), weights_fingerprint(module)]
 
-    assert inspect.signature(weights_fingerprint).parameters["all_ranks"].default is False
+
+def test_fingerprint_across_ranks():
+    """2 processes: a rank-0-only call (results records) does not block; with all_ranks, identical weights (DDP) give
+    the single-process value and differing ranks (sharded) a combination of both."""
+    from tests._dist import run_distributed
+
+    single = weights_fingerprint(WordEmbedder(seed=11))
+    r0, r1 = run_distributed(_fingerprints, 2, timeout_s=60)
+    assert r0[0] == single and r0[1] == r1[1] == single
+    assert r0[2] == r1[2] and r0[2] not in (r0[3], r1[3])
