@@ -140,3 +140,22 @@ def test_the_evaluator_check_itself_is_strict(tmp_path):
     assert evaluator.row_note("t2t") == " (pool: 33/40 candidates)"
     with pytest.raises(DataError, match=r"(?s)data.strict=true.*pool pool: embedded 33 of 40.*bad_image 7 in shard-000001"):
         evaluator.account("t2t", "pool", queries, pool, SimpleNamespace(strict=True))
+
+
+def test_benchmark_json_errors_name_the_file_and_field(tmp_path):
+    from unimm.data.benchmark import load_benchmark
+
+    root = _write(tmp_path / "bench", no_text=0) / "eval"
+    path = root / "benchmark.json"
+    good = path.read_text()
+    path.write_text(good[:-5])
+    with pytest.raises(ValueError, match=r"benchmark.json is not valid JSON"):
+        load_benchmark(root)
+    data = json.loads(good)
+    del data["evaluations"][0]["qrels"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"benchmark.json: evaluation #0 \('t2t'\) lacks \['qrels'\]"):
+        load_benchmark(root)
+    path.write_text(json.dumps({"pools": {}}))
+    with pytest.raises(ValueError, match="has no 'evaluations' field"):
+        load_benchmark(root)

@@ -35,6 +35,7 @@ from typing import Any
 from unimm.data.shards import ShardSetWriter, read_index
 
 BENCHMARK_FILE = "benchmark.json"
+_REQUIRED_FIELDS = ("name", "dataset", "task", "query_modality", "cand_modality", "queries", "pool", "qrels")
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,21 @@ def load_benchmark(root: str | os.PathLike) -> BenchmarkSpec:
     path = root / BENCHMARK_FILE
     if not path.is_file():
         raise FileNotFoundError(f"not a unimm benchmark: {path} is missing")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    for field in ("pools", "evaluations"):
+        if field not in data:
+            raise ValueError(f"{path} has no {field!r} field (a benchmark.json needs 'pools' and 'evaluations')")
     pools = {name: str(root / rel) for name, rel in data["pools"].items()}
     for name, pool_path in pools.items():
         _require_shard_set(pool_path, f"pool {name!r} of {path}")
     evaluations = []
-    for entry in data["evaluations"]:
+    for i, entry in enumerate(data["evaluations"]):
+        missing = [f for f in _REQUIRED_FIELDS if f not in entry]
+        if missing:
+            raise ValueError(f"{path}: evaluation #{i} ({entry.get('name', 'unnamed')!r}) lacks {missing}")
         name = entry["name"]
         if entry["pool"] not in pools:
             raise ValueError(
