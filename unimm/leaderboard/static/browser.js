@@ -74,7 +74,8 @@
       + " <span id=\"count\" data-count=\"" + shown.length + "\">" + shown.length + " queries</span>";
     el("prev").onclick = function () { state.page--; render(); };
     el("next").onclick = function () { state.page++; render(); };
-    var metric = data.metric ? data.metric + " = " + (cmp ? data.values.join(" (A) vs ") + " (B)" : data.value) + "; " : "";
+    var num = function (v) { return typeof v === "number" ? String(+v.toFixed(2)) : String(v); };
+    var metric = data.metric ? data.metric + " = " + (cmp ? data.values.map(num).join(" (A) vs ") + " (B)" : num(data.value)) + "; " : "";
     el("summary").textContent = (data.benchmark || "") + " \u00b7 " + metric + data.queries.length
       + (cmp ? " queries differ of " + data.n_common + " in common" : " queries") + "; top " + data.k + " shown";
   }
