@@ -148,6 +148,14 @@ def test_known_answers(data, tmp_path):
     assert got["val/mmdialog/mmdialog_text_response/recall@1"] == 75.0
     assert got["val/mmdialog/mmdialog_text_response/recall@5"] == 100.0
     assert "mmdialog_text_response" in (tmp_path / "m" / "retrieval_mmdialog.md").read_text()
+    # per-query outputs: VisDial as pool retrieval (TREC + JSONL), MMDialog as candidate lists; a tie with the
+    # element counts against it (the g0 row above), so `correct` is false there and a negative is `predicted`
+    visdial_rows = (tmp_path / "v" / "per_query" / "visdial_d2i_r2.jsonl").read_text().splitlines()
+    assert [json.loads(r)["hit"]["1"] for r in visdial_rows] == [False] * len(visdial_rows)
+    assert (tmp_path / "v" / "per_query" / "visdial_d2i_r2.trec").stat().st_size > 0
+    rows = [json.loads(r) for r in (tmp_path / "m" / "per_query" / "mmdialog_image_response.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and sum(r["correct"] for r in rows) == 3
+    assert all((r["predicted"] == 0) == r["correct"] and r["positive"] == [0] for r in rows)
 
 
 # -- a tiny FROMAGe against a plain computation ----------------------------------------------------------------
