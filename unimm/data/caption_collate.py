@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from unimm.data.collate import format_query_text
-from unimm.data.records import Item, Record, record_fields
+from unimm.data.records import DecodeHint, Item, Record, record_fields
 
 CONTEXT_PREFIX = "ctx."  # dialogue records: sides ctx.0, ctx.1, ... hold the earlier turns, oldest first
 
@@ -65,6 +65,11 @@ class FrozenLMCollator:
         tok = processor.tokenizer
         self.bos_id = tok.bos_token_id
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    @property
+    def decode_hint(self) -> DecodeHint:
+        """The images of the encoded and paired sides and of the dialogue context (``ctx.N``); full size."""
+        return DecodeHint(tuple(dict.fromkeys((*self.sides, *self.pair_sides, CONTEXT_PREFIX.rstrip(".")))))
 
     # -- token sequences ---------------------------------------------------------------------------------------
     def _segment(self, item: Item, words: list[int] | None) -> list[int]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from unimm.data.records import Item, Record, record_fields
+from unimm.data.records import DecodeHint, Item, Record, record_fields
 
 
 def format_query_text(instruction: str | None, text: str | None) -> str | None:
@@ -24,6 +24,40 @@ def format_query_text(instruction: str | None, text: str | None) -> str | None:
     return s[0].upper() + s[1:]
 
 
+def processor_image_size(processor) -> int | None:
+    """The smallest side length a processor resizes images to (before any crop), or None when it cannot tell.
+
+    Read from the processor's ``decode_size`` hook when it has one, else from its image processor: HF ``size``
+    (``shortest_edge``, or ``height``/``width`` -> the larger, so that both stay covered) or an official
+    transform's ``size``. Processors that tile or resize by a longest edge (VLMs) give None: full decode.
+    """
+    if getattr(processor, "decode_size", None):
+        return int(processor.decode_size)
+    image_processor = getattr(processor, "image_processor", processor)
+    size = getattr(image_processor, "size", None)
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size
+    if size is None:
+        return None
+    # a dict, or transformers' SizeDict (attributes, None when unset)
+    fields = {k: size.get(k) if isinstance(size, dict) else getattr(size, k, None) for k in _SIZE_FIELDS}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if set(fields) == {"shortest_edge"}:
+        return int(fields["shortest_edge"])
+    if set(fields) == {"height", "width"}:
+        return int(max(fields["height"], fields["width"]))
+    return None
+
+
+_SIZE_FIELDS = ("shortest_edge", "height", "width", "longest_edge", "max_height", "max_width", "min_pixels",
+                "max_pixels")
+
+
+def collator_decode_hint(sides: Sequence[str], processor, reduced_decode: bool) -> DecodeHint:
+    """Decode only ``sides``; at reduced size when ``reduced_decode`` and the processor's size is known."""
+    return DecodeHint(tuple(sides), processor_image_size(processor) if reduced_decode else None)
+
+
 class RetrievalCollator:
     """Encodes the named sides of each record with a processor.
 
@@ -36,12 +70,21 @@ class RetrievalCollator:
         processor: a :class:`~unimm.models.processors.TextImageProcessor`.
         sides: the record sides to encode, e.g. ``("query", "pos")``.
         use_instruction: prefix query texts with the record's instruction (UniIR).
+        reduced_decode: decode large JPEGs at reduced size (:class:`~unimm.data.records.DecodeHint`); off by
+            default: it is faster but not exact (README "Data at scale" gives the measured pixel differences).
     """
 
-    def __init__(self, processor, sides: Sequence[str] = ("query", "pos"), use_instruction: bool = True):
+    def __init__(self, processor, sides: Sequence[str] = ("query", "pos"), use_instruction: bool = True,
+                 reduced_decode: bool = False):
         self.processor = processor
         self.sides = tuple(sides)
         self.use_instruction = use_instruction
+        self.reduced_decode = reduced_decode
+
+    @property
+    def decode_hint(self) -> DecodeHint:
+        """What the data workers decode for this collator: the images of its sides only."""
+        return collator_decode_hint(self.sides, self.processor, self.reduced_decode)
 
     def encode_side(self, items: list[Item], instructions: list[str | None] | None = None) -> dict[str, Any]:
         texts = [item.text for item in items]

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from unimm.data.collate import RetrievalCollator, format_query_text
+from unimm.data.collate import RetrievalCollator, collator_decode_hint, format_query_text
 from unimm.data.instructions import load_instruction_table
-from unimm.data.records import Item, Record, record_fields
+from unimm.data.records import DecodeHint, Item, Record, record_fields
 
 # M-BEIR task id -> candidate modality (the inverse of the converter's TASK_IDS; 5 is unused)
 TASK_CAND_MODALITY = {0: "image", 1: "text", 2: "image,text", 3: "text", 4: "image", 6: "text", 7: "image",
@@ -64,17 +64,25 @@ class MBEIRCollator(RetrievalCollator):
         hard_negatives: hard negatives per query taken from the record's ``neg.N`` sides (0 = none).
         fill_missing: give every row a text and an image (feature fusion).
         format_candidates: format candidate texts as UniIR does.
+        reduced_decode: see :class:`~unimm.data.collate.RetrievalCollator` (off: exact full-size decode).
     """
 
     def __init__(self, processor, sides: Sequence[str] = ("query", "pos"), use_instruction: bool = True,
                  instructions: str | None = None, hard_negatives: int = 0, fill_missing: bool = False,
-                 format_candidates: bool = True):
-        super().__init__(processor, sides, use_instruction)
+                 format_candidates: bool = True, reduced_decode: bool = False):
+        super().__init__(processor, sides, use_instruction, reduced_decode)
         self.table = load_instruction_table(instructions)
         self.hard_negatives = hard_negatives
         self.fill_missing = fill_missing
         self.format_candidates = format_candidates
         self.training = "pos" in self.sides
+
+    @property
+    def decode_hint(self) -> DecodeHint:
+        """The images of the encoded sides (every ``pos.N``: one is drawn per access) and, with hard negatives
+        in training batches, the ``neg.N`` sides."""
+        sides = self.sides + (("neg",) if self.hard_negatives and self.training else ())
+        return collator_decode_hint(sides, self.processor, self.reduced_decode)
 
     # -- per record --------------------------------------------------------------------------------------------
     def _instruction(self, record: Record, cand_modality: str | None) -> str | None:

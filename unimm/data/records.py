@@ -99,18 +99,49 @@ def make_sample(
     return sample
 
 
-def _decode_image(data: bytes, ext: str) -> Image.Image:
-    """Decode to RGB now (a truncated JPEG must fail here, not in the collator); trust the extension first."""
+@dataclass(frozen=True)
+class DecodeHint:
+    """What a collator uses of a record's images, so that a data worker decodes no more (``Collator.decode_hint``).
+
+    Args:
+        sides: the sides whose images are decoded (``"pos"`` covers ``pos.1``, ``pos.2`` ...; ``"neg"`` covers
+            ``neg.0`` ...); the images of other sides are not decoded (their texts are, which is cheap), so a
+            broken image in a side nobody uses is not counted as a bad sample. None = every side.
+        min_size: the smallest side length (pixels) the processor resizes images to, when reduced-size JPEG
+            decoding is on: a JPEG at least twice as large is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
+            scaling through PIL ``Image.draft``), the largest that keeps both sides >= ``min_size``, and the
+            processor resizes from there. Faster, not exact: see README "Data at scale" for the measured pixel
+            difference. None = full-size decode (exact).
+    """
+
+    sides: tuple[str, ...] | None = None
+    min_size: int | None = None
+
+    def decodes(self, side: str) -> bool:
+        return self.sides is None or any(side == s or side.startswith(s + ".") for s in self.sides)
+
+
+def _decode_image(data: bytes, ext: str, min_size: int | None = None) -> Image.Image:
+    """Decode to RGB now (a truncated JPEG must fail here, not in the collator); trust the extension first.
+
+    ``min_size``: decode a JPEG at the largest power-of-two reduction keeping both sides >= it (see DecodeHint).
+    """
     try:
         image = Image.open(io.BytesIO(data), formats=_PIL_FORMATS.get(ext))
     except Image.UnidentifiedImageError:  # mislabelled file (a PNG named .jpg): let PIL probe
         image = Image.open(io.BytesIO(data))
+    if min_size and image.format == "JPEG" and min(image.size) >= 2 * min_size:
+        image.draft("RGB", (min_size, min_size))  # PIL picks the scale: both sides stay >= min_size
     image.load()
     return image if image.mode == "RGB" else image.convert("RGB")  # no copy when already RGB
 
 
-def decode_sample(raw: dict[str, Any], shard: str = "") -> Record:
+def decode_sample(raw: dict[str, Any], shard: str = "", hint: DecodeHint | None = None) -> Record:
     """Decode a raw webdataset sample (bytes per field) into a :class:`Record`.
+
+    ``hint``: decode only the images the collator uses, optionally at reduced size (:class:`DecodeHint`);
+    None decodes every image at full size. A side whose image is not decoded is still in ``sides`` (with its
+    text, if any).
 
     Raises:
         CorruptSample: ``bad_image`` (undecodable image bytes), ``bad_json`` (malformed meta.json),
@@ -120,6 +151,7 @@ def decode_sample(raw: dict[str, Any], shard: str = "") -> Record:
     sides: dict[str, Item] = {}
     meta: dict[str, Any] = {}
     instruction = None
+    min_size = hint.min_size if hint is not None else None
     for name, value in raw.items():
         if name.startswith("__"):
             continue
@@ -141,11 +173,13 @@ def decode_sample(raw: dict[str, Any], shard: str = "") -> Record:
             else:
                 sides.setdefault(side, Item()).text = text
         elif ext in IMAGE_EXTS:
+            item = sides.setdefault(side, Item())
+            if hint is not None and not hint.decodes(side):
+                continue
             try:
-                image = _decode_image(value, ext)
+                item.image = _decode_image(value, ext, min_size)
             except Exception as err:  # PIL raises many types for broken files
                 raise CorruptSample("bad_image", f"{key}.{name} in {shard}: {err}") from err
-            sides.setdefault(side, Item()).image = image
     if not sides:
         raise CorruptSample("empty_sample", f"{key} in {shard} has no text or image field")
     return Record(key=key, sides=sides, meta=meta, instruction=instruction, shard=shard)

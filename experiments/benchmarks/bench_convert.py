@@ -1,0 +1,102 @@
+"""M-BEIR conversion with 2 workers vs 1 worker, and vs `cp -r` of the same corpus (issue 17, item 3).
+
+The corpus is in the M-BEIR layout: a candidate pool JSONL of N image+text candidates (64x64 JPEGs, one file
+each, as the data-loader benchmark), a few queries and their qrels. Timed, from a warm page cache, in one run:
+``cp -r`` of the corpus folder, ``convert mbeir eval`` with ``--workers 1`` and with ``--workers 2`` (pool +
+queries + qrels + benchmark.json). Prints one JSON line with the times, records/s and both ratios; the two
+conversions must write the same bytes (checked).
+
+    python experiments/benchmarks/bench_convert.py [--n 20000] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+os.environ.setdefault("UNIMM_PROGRESS", "0")
+
+from unimm.data.convert import mbeir  # noqa: E402
+
+
+def make_corpus(root: Path, n: int) -> None:
+    rng = np.random.default_rng(0)
+    images = root / "mbeir_images" / "bench"
+    images.mkdir(parents=True)
+    pool, queries, qrels = [], [], []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+        (images / f"{i:07d}.jpg").write_bytes(buf.getvalue())
+        pool.append({"did": f"9:{i}", "txt": f"a photo number {i} of something", "modality": "image,text",
+                     "img_path": f"mbeir_images/bench/{i:07d}.jpg"})
+    for q in range(100):
+        queries.append({"qid": f"9:{q}", "query_txt": f"query {q}", "query_img_path": None,
+                        "query_modality": "text", "pos_cand_list": [f"9:{q}"], "neg_cand_list": []})
+        qrels.append(f"9:{q} 0 9:{q} 1 2\n")
+    for rel, rows in (("cand_pool/local/mbeir_bench_cand_pool.jsonl", pool),
+                      ("query/test/mbeir_bench_test.jsonl", queries)):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "qrels/test").mkdir(parents=True)
+    (root / "qrels/test/mbeir_bench_test_qrels.txt").write_text("".join(qrels))
+
+
+def digest(root: Path) -> str:
+    """Hash of the written pools, queries and qrels (benchmark.json names its folder; the report has times)."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.relative_to(root).parts[0] in ("pools", "queries", "qrels"):
+            h.update(str(p.relative_to(root)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def convert(root: Path, out: Path, workers: int) -> float:
+    start = time.perf_counter()
+    mbeir.convert_eval("bench", root / "query/test/mbeir_bench_test.jsonl",
+                       root / "cand_pool/local/mbeir_bench_cand_pool.jsonl",
+                       root / "qrels/test/mbeir_bench_test_qrels.txt", root, out, workers=workers)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=20000)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        corpus = tmp / "M-BEIR"
+        make_corpus(corpus, args.n)
+        subprocess.run(["cp", "-r", str(corpus), str(tmp / "warm")], check=True)  # warm the page cache
+        shutil.rmtree(tmp / "warm")
+        start = time.perf_counter()
+        subprocess.run(["cp", "-r", str(corpus), str(tmp / "copy")], check=True)
+        copy_s = time.perf_counter() - start
+        one_s = convert(corpus, tmp / "one", 1)
+        many_s = convert(corpus, tmp / "many", args.workers)
+        same = digest(tmp / "one") == digest(tmp / "many")
+    print(json.dumps({
+        "records": args.n, "cores": len(os.sched_getaffinity(0)), "cp_r_s": round(copy_s, 2),
+        "convert_1_worker_s": round(one_s, 2), f"convert_{args.workers}_workers_s": round(many_s, 2),
+        "records_per_s_1": round(args.n / one_s), f"records_per_s_{args.workers}": round(args.n / many_s),
+        f"speedup_{args.workers}_vs_1": round(one_s / many_s, 2),
+        f"convert_{args.workers}_vs_cp_r": round(copy_s / many_s, 2), "same_bytes": same,
+    }))
+    if not same:
+        raise SystemExit("the conversions with 1 and several workers differ")
+
+
+if __name__ == "__main__":
+    main()
