@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from unimm.data.remote import RemoteOptions
 from unimm.data.shards import read_index
 from unimm.data.stream import SampleAccounting, ShardStream, Source
 
@@ -40,7 +41,9 @@ class ShardDataModule(L.LightningDataModule):
     """Streams records from shard sets.
 
     Args:
-        train_sets: ``{name: {"path": shard_set_dir, "weight": float}}``; the training mixture.
+        train_sets: ``{name: {"path": shard_set_dir, "weight": float}}``; the training mixture. A path (here and
+            for every evaluation shard set) is a local folder or a URL: ``s3://``, ``gs://``, ``http(s)://``,
+            ``pipe:`` (:mod:`unimm.data.remote`).
         collator: a partial taking ``processor`` and ``sides`` (e.g. :class:`~unimm.data.collate.RetrievalCollator`).
         batch_size: per-rank training batch.
         eval_batch_size: per-rank batch when embedding queries and pools.
@@ -53,6 +56,9 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: records kept in the in-worker shuffle buffer (0 = shard order only).
         eval_sort_window: when embedding for evaluation, sort each window of this many records by text length
             so batches pad less (0 = arrival order); see experiments/benchmarks/bench_length_bucketing.py.
+        remote: reading shard sets at URLs: ``{retries, backoff_s, block_size, storage_options}``
+            (:class:`~unimm.data.remote.RemoteOptions`; a shard still unreadable after ``retries`` re-opens is
+            counted as lost with its promised samples, or stops the run under ``strict``).
     """
 
     def __init__(
@@ -68,6 +74,7 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
         shuffle_buffer: int = 1000,
         eval_sort_window: int = 0,
+        remote: Mapping[str, Any] | RemoteOptions | None = None,
     ):
         super().__init__()
         self.train_sets = {name: dict(spec) for name, spec in train_sets.items()}
@@ -81,6 +88,7 @@ class ShardDataModule(L.LightningDataModule):
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.eval_sort_window = eval_sort_window
+        self.remote = RemoteOptions.from_config(remote)
         self.processor = None
         self.accounting = SampleAccounting()
         self._train_stream: ShardStream | None = None
@@ -106,12 +114,12 @@ class ShardDataModule(L.LightningDataModule):
     def train_stream(self) -> ShardStream:
         if self._train_stream is None:
             sources = [
-                Source(read_index(spec["path"]), float(spec.get("weight", 1.0)), name)
+                Source(read_index(spec["path"], self.remote), float(spec.get("weight", 1.0)), name)
                 for name, spec in self.train_sets.items()
             ]
             self._train_stream = ShardStream(
                 sources, self.batch_size, self._collate(self.train_sides), train=True, required_sides=self.train_sides,
-                strict=self.strict, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
+                strict=self.strict, seed=self.seed, shuffle_buffer=self.shuffle_buffer, remote=self.remote,
             )
         rank, world = _rank_world()
         self._train_stream.configure(rank, world, self.num_workers)
@@ -135,8 +143,8 @@ class ShardDataModule(L.LightningDataModule):
     def eval_loader(self, shard_set: str, sides: Sequence[str]) -> DataLoader:
         """Every sample of ``shard_set`` exactly once over all ranks and workers (no padding), in batches."""
         stream = ShardStream(
-            [Source(read_index(shard_set))], self.eval_batch_size, self._collate(sides), train=False,
-            required_sides=sides, strict=self.strict, sort_window=self.eval_sort_window,
+            [Source(read_index(shard_set, self.remote))], self.eval_batch_size, self._collate(sides), train=False,
+            required_sides=sides, strict=self.strict, sort_window=self.eval_sort_window, remote=self.remote,
         )
         rank, world = _rank_world()
         stream.configure(rank, world, self.num_workers)

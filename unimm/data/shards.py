@@ -7,7 +7,8 @@ A shard set is a folder::
       shard-000000.tar
       ...
 
-The index lets a reader prove it delivered every sample (see :mod:`unimm.data.stream`).
+The index lets a reader prove it delivered every sample (see :mod:`unimm.data.stream`). The folder may also be
+a URL (``s3://``, ``gs://``, ``http(s)://``, ``pipe:``): see :mod:`unimm.data.remote`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
+from unimm.data.remote import (
+    RemoteOptions,
+    RetryingStream,
+    ShardUnreadable,
+    is_remote,
+    join,
+    local_path,
+    open_remote,
+    read_bytes,
+)
 from unimm.utils.errors import UserError
 
 INDEX_FILE = "index.json"
@@ -73,16 +84,30 @@ class ShardIndexError(DataError, ValueError):
     """An ``index.json`` that cannot be used: not JSON, or a missing or ill-typed field (named)."""
 
 
-def read_index(root: str | os.PathLike) -> ShardIndex:
-    """Read ``<root>/index.json``. Fails naming the folder when it is not a shard set, and the file and the
-    field when the index is malformed."""
-    root = Path(root)
-    index_path = root / INDEX_FILE
-    if not index_path.is_file():
-        hint = " (folder does not exist)" if not root.exists() else ""
-        raise FileNotFoundError(f"not a unimm shard set: {index_path} is missing{hint}")
+def read_index(root: str | os.PathLike, remote: RemoteOptions | None = None) -> ShardIndex:
+    """Read ``<root>/index.json``, ``root`` a local folder or a URL (:mod:`unimm.data.remote`). Fails naming the
+    folder when it is not a shard set, and the file and the field when the index is malformed.
+
+    The shards of a local set must exist; those of a remote set are not probed (a request per shard): a shard
+    that cannot be read is counted when the stream reaches it (``unreadable_shard``)."""
+    if is_remote(root):
+        root = os.fspath(root)
+        index_path = join(root, INDEX_FILE)
+        try:
+            text = read_bytes(index_path, remote)
+        except ShardUnreadable as err:
+            if isinstance(err.__cause__, FileNotFoundError):
+                raise FileNotFoundError(f"not a unimm shard set: {index_path} is missing") from None
+            raise DataError(f"cannot read the index of shard set {root}: {err}") from err
+    else:
+        root = Path(local_path(root))
+        index_path = root / INDEX_FILE
+        if not index_path.is_file():
+            hint = " (folder does not exist)" if not root.exists() else ""
+            raise FileNotFoundError(f"not a unimm shard set: {index_path} is missing{hint}")
+        text = index_path.read_bytes()
     try:
-        data = json.loads(index_path.read_text())
+        data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         where = f" (line {err.lineno} column {err.colno}: {err.msg})" if isinstance(err, json.JSONDecodeError) else ""
         raise ShardIndexError(f"{index_path} is not valid JSON{where}; rewrite it with the converter that made "
@@ -98,8 +123,8 @@ def read_index(root: str | os.PathLike) -> ShardIndex:
         count = entry["count"]
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise ShardIndexError(f"{index_path}: shards[{i}].count must be a sample count >= 0, got {count!r}")
-        shards.append(ShardInfo(str(root / str(entry["name"])), count))
-    missing = [s.path for s in shards if not os.path.exists(s.path)]
+        shards.append(ShardInfo(join(root, str(entry["name"])), count))
+    missing = [] if is_remote(root) else [s.path for s in shards if not os.path.exists(s.path)]
     if missing:
         raise FileNotFoundError(f"{index_path} lists shards that do not exist: {missing[:5]}")
     return ShardIndex(str(root), tuple(shards), data.get("source", ""), data.get("converter", ""))
@@ -210,13 +235,17 @@ def _pax_path(data: bytes) -> str | None:
 
 
 @contextmanager
-def open_shard(path: str) -> Iterator[Buffer]:
-    """The bytes of one tar shard, as a buffer (a read-only memory map of a local file).
+def open_shard(path: str, remote: RemoteOptions | None = None) -> Iterator[Buffer | RetryingStream]:
+    """One tar shard: a buffer (a read-only memory map) for a local file, a sequential stream with bounded
+    retries (:class:`~unimm.data.remote.RetryingStream`) for a URL. The one place that opens shards.
 
-    The one place that opens shards: a remote reader (http, s3) returns the downloaded bytes here and every
-    reader above it works unchanged.
+    Raises :class:`~unimm.data.remote.ShardUnreadable` (naming the shard) when a remote shard cannot be read.
     """
-    with open(path, "rb") as f:
+    if is_remote(path):
+        with open_remote(path, remote) as stream:
+            yield stream
+        return
+    with open(local_path(path), "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             yield b""
             return
@@ -224,27 +253,75 @@ def open_shard(path: str) -> Iterator[Buffer]:
             yield buf
 
 
-def iter_tar_members(path: str) -> Iterator[tuple[str, bytes]]:
+def iter_tar_members(path: str, remote: RemoteOptions | None = None) -> Iterator[tuple[str, bytes]]:
     """Yield ``(member name, bytes)`` of the regular files of the tar shard at ``path``, in file order.
 
     A small reader of the tar format (ustar, GNU long names, pax paths) over the shard's bytes, instead of
     :mod:`tarfile`, whose per-member Python objects cost more than decoding a small JPEG. Header checksums are
     verified, so a damaged or truncated shard raises :class:`TruncatedShard` at the damage, after every
-    intact member.
+    intact member. A local shard is read from a memory map, a remote one as it streams in (the same parser).
     """
-    with open_shard(path) as buf:
-        if len(buf) == 0:
-            raise TruncatedShard(f"{path}: empty file")
-        yield from _parse_tar(buf, path)
+    with open_shard(path, remote) as shard:
+        blocks = _StreamBlocks(shard) if isinstance(shard, RetryingStream) else _BufferBlocks(shard)
+        yield from _parse_tar(blocks, path)
 
 
 def _block_sums(buf: Buffer) -> list[int]:
     """Byte sum of every 512-byte block, in one vectorised pass: the header checksums then cost a lookup
     instead of a Python-level sum over 512 bytes per member (a third of the reader's time on small samples)."""
+    if len(buf) < BLOCK:
+        return []
     blocks = np.frombuffer(buf, dtype=np.uint8, count=(len(buf) // BLOCK) * BLOCK).reshape(-1, BLOCK)
     sums = blocks.sum(axis=1, dtype=np.int64).tolist()
     del blocks  # release the buffer export, or the mmap cannot close
     return sums
+
+
+class _BufferBlocks:
+    """A whole shard in memory (a memory map): slices, and header sums from one vectorised pass."""
+
+    def __init__(self, buf: Buffer):
+        self.buf = buf
+        self.reached = len(buf)  # bytes known to exist (here: all of them)
+        self._sums = _block_sums(buf)
+
+    def take(self, pos: int, n: int) -> bytes:
+        """``n`` bytes at ``pos`` (fewer where the file ends)."""
+        return self.buf[pos : pos + n]
+
+    def header_sum(self, pos: int, header: bytes) -> int:
+        return self._sums[pos // BLOCK]
+
+
+class _StreamBlocks:
+    """A shard arriving as a stream: the parser only moves forward, so ``take`` reads up to ``pos`` (the
+    padding after a member) and then ``n`` bytes; nothing is held beyond the member being parsed."""
+
+    def __init__(self, stream: RetryingStream):
+        self.stream = stream
+        self.reached = 0  # bytes read so far: the file's length once a read came back short
+
+    def _read(self, n: int) -> bytes:
+        parts, left = [], n
+        while left > 0:
+            chunk = self.stream.read(left)
+            if not chunk:
+                break
+            parts.append(chunk)
+            left -= len(chunk)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.reached += len(data)
+        return data
+
+    def take(self, pos: int, n: int) -> bytes:
+        if pos < self.reached:
+            raise AssertionError(f"stream parser moved back from byte {self.reached} to {pos}")
+        if pos > self.reached and len(self._read(pos - self.reached)) < pos - self.reached:
+            return b""  # the file ends inside the padding
+        return self._read(n)
+
+    def header_sum(self, pos: int, header: bytes) -> int:
+        return sum(header)
 
 
 def _cut_header_name(partial: bytes) -> str | None:
@@ -260,38 +337,41 @@ def _cut_header_name(partial: bytes) -> str | None:
         return None
 
 
-def _parse_tar(buf: Buffer, path: str) -> Iterator[tuple[str, bytes]]:
-    end, pos, long_name = len(buf), 0, None
-    block_sums = _block_sums(buf)
+def _parse_tar(blocks: _BufferBlocks | _StreamBlocks, path: str) -> Iterator[tuple[str, bytes]]:
+    """The tar parser for both sources: it reads forward only (``blocks.take`` at increasing offsets)."""
+    pos, long_name = 0, None
     while True:
-        if pos + BLOCK > end:
-            rest = bytes(buf[pos:end]) if pos < end else b""
-            if rest and rest.count(0) == len(rest):
+        header = blocks.take(pos, BLOCK)
+        if len(header) < BLOCK:
+            end = blocks.reached
+            if end == 0:
+                raise TruncatedShard(f"{path}: empty file")
+            if header and header.count(0) == len(header):
                 return  # the end-of-archive blocks are cut short: no member is lost
-            name = long_name or _cut_header_name(rest)
+            name = long_name or _cut_header_name(bytes(header))
             raise TruncatedShard(f"{path}: no end-of-archive marker (file cut short at byte {end})", name)
-        header = buf[pos : pos + BLOCK]
         if header == _ZERO_BLOCK:
             return  # the end-of-archive marker every tar writer puts last
         # checksum: byte sum of the header with its own 8-byte field counted as spaces
         checksum_field = header[148:156]
-        if _octal(checksum_field) != block_sums[pos // BLOCK] - sum(checksum_field) + 8 * 32:
+        if _octal(checksum_field) != blocks.header_sum(pos, header) - sum(checksum_field) + 8 * 32:
             raise TruncatedShard(f"{path}: corrupt tar header at byte {pos}")
         size = _octal(header[124:136])
         start = pos + BLOCK
         kind = header[156:157]
         name = long_name or _header_name(header)
-        if start + size > end:
+        data = blocks.take(start, size)
+        if len(data) < size:
             # the header is intact: the damage is inside this member, whose name tells which sample it starts
             regular = kind in (b"0", b"\0", b"7")
-            raise TruncatedShard(f"{path}: member ends after {end - start} of {size} bytes", name if regular else None)
+            raise TruncatedShard(f"{path}: member ends after {len(data)} of {size} bytes", name if regular else None)
         pos = start + size + (-size) % BLOCK
         if kind == b"L":  # GNU long name for the next member
-            long_name = buf[start : start + size].rstrip(b"\0").decode("utf-8")
+            long_name = data.rstrip(b"\0").decode("utf-8")
         elif kind == b"x":  # pax extended header for the next member
-            long_name = _pax_path(buf[start : start + size]) or long_name
+            long_name = _pax_path(data) or long_name
         elif kind in (b"0", b"\0", b"7"):
-            yield name, buf[start : start + size]
+            yield name, data
             long_name = None
         # other kinds (directories, links, global pax headers) carry no sample data
 
@@ -318,7 +398,7 @@ def _same_sample(member: str, key: str) -> bool:
     return parsed is None or parsed[0].rpartition("/")[2] == key.rpartition("/")[2]
 
 
-def iter_raw_samples(path: str) -> Iterator[dict[str, Any]]:
+def iter_raw_samples(path: str, remote: RemoteOptions | None = None) -> Iterator[dict[str, Any]]:
     """Yield raw webdataset samples (``{"__key__": ..., "<field>.<ext>": bytes}``) from one tar shard.
 
     Fields are grouped by key in file order, as webdataset does. A damaged tar yields every sample known to be
@@ -326,10 +406,13 @@ def iter_raw_samples(path: str) -> Iterator[dict[str, Any]]:
     another sample follows it: when the damage falls in the first member of the next sample (its header still
     names it), the sample before the damage is complete and delivered; when the cut leaves no readable name
     after a sample, the sample may have had more members and counts as lost.
+
+    A remote shard that stays unreadable raises :class:`~unimm.data.remote.ShardUnreadable` (after the samples
+    read whole before the failure; the one being read is dropped, as nothing tells whether it was complete).
     """
     current: dict[str, Any] | None = None
     try:
-        for name, data in iter_tar_members(path):
+        for name, data in iter_tar_members(path, remote):
             parsed = sample_key(name)
             if parsed is None:
                 continue
@@ -342,6 +425,8 @@ def iter_raw_samples(path: str) -> Iterator[dict[str, Any]]:
     except TruncatedShard as err:
         if current is not None and err.next_member is not None and not _same_sample(err.next_member, current["__key__"]):
             yield current  # the damaged member starts the next sample: this one is whole
+        raise
+    except ShardUnreadable:
         raise
     except (OSError, ValueError, UnicodeDecodeError) as err:
         raise TruncatedShard(f"{path}: {err}") from err

@@ -8,8 +8,12 @@ Training needs every rank to take the same number of optimizer steps (DDP would 
 worker slot yields the same number of batches, computed up front from the counts promised by
 ``index.json`` (the fewest full batches any slot can make); samples beyond that are counted as unused for
 the epoch (a worker reaching its quota counts what is left in its buffer and its shards, without decoding
-it). A worker whose shards deliver fewer samples than promised (corrupt samples) tops up by re-reading its
+it; for a remote shard set, see :mod:`unimm.data.remote`, the rest of its shards is not downloaded to be
+counted: their unused samples are the counts index.json promises, less what was read). A worker whose shards deliver fewer samples than promised (corrupt samples) tops up by re-reading its
 own shards; the accounting says so, and counts the damage met on the re-read only once.
+
+A remote shard that stays unreadable after ``data.remote.retries`` is counted as ``unreadable_shard`` with
+the samples index.json promises beyond those read whole before the failure (``strict=True``: fatal).
 
 Accounting identity, per epoch: delivered (re-reads excluded) + skipped + unused = promised by index.json +
 found beyond index.json. A shard holding more or fewer samples than its index entry is counted per shard
@@ -36,6 +40,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from unimm.data.records import CorruptSample, Record, decode_sample
+from unimm.data.remote import RemoteOptions, ShardUnreadable, is_remote
 from unimm.data.shards import DataError, ShardIndex, ShardInfo, TruncatedShard, iter_raw_samples
 
 __all__ = ["DataError", "SampleAccounting", "ShardStream", "Source", "StreamStats", "fetch_records"]
@@ -186,6 +191,7 @@ class ShardStream(IterableDataset):
         seed: base seed; the epoch (``set_epoch``) changes the shuffle.
         shuffle_buffer: training: records held in the in-worker shuffle buffer (0 = shard order).
         sort_window: evaluation: records sorted by text length per window before batching (0 = arrival order).
+        remote: retries and client options for shard sets at URLs (``data.remote``).
     """
 
     def __init__(
@@ -199,6 +205,7 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         shuffle_buffer: int = 0,
         sort_window: int = 0,
+        remote: RemoteOptions | None = None,
     ):
         if not sources:
             raise ValueError("ShardStream needs at least one shard set")
@@ -211,6 +218,7 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.sort_window = sort_window
+        self.remote = remote
         self.epoch = 0
         self.rank, self.world_size, self.num_workers = 0, 1, 1
         self._resume: tuple[int, int] | None = None
@@ -279,23 +287,33 @@ class ShardStream(IterableDataset):
         return done // self.num_workers + (1 if role < done % self.num_workers else 0)
 
     # -- iteration -------------------------------------------------------------------------------------------
-    def _read_shard(self, shard: ShardInfo, stats: StreamStats) -> Iterator[tuple[dict[str, Any], str]]:
-        """Raw samples ``(fields, shard path)`` in file order; damage to the tar and a count that differs from
-        index.json are counted here (once the shard is read to its end)."""
+    def _read_shard(self, shard: ShardInfo, stats: StreamStats, progress: _Progress | None = None
+                    ) -> Iterator[tuple[dict[str, Any], str]]:
+        """Raw samples ``(fields, shard path)`` in file order; damage to the tar, a remote shard that stays
+        unreadable and a count that differs from index.json are counted here (once the shard is read to its end).
+        ``progress`` learns the samples read so far and when the shard is done."""
         found = 0
         try:
-            for raw in iter_raw_samples(shard.path):
+            for raw in iter_raw_samples(shard.path, self.remote):
                 found += 1
+                if progress is not None:
+                    progress.found[shard.path] = found
                 yield raw, shard.path
-        except TruncatedShard as err:
+        except (TruncatedShard, ShardUnreadable) as err:
+            if progress is not None:
+                progress.done.add(shard.path)
+            truncated = isinstance(err, TruncatedShard)
             if self.strict:
-                raise DataError(f"truncated shard (data.strict=true): {err}") from err
+                what = "truncated shard" if truncated else "unreadable shard"
+                raise DataError(f"{what} (data.strict=true): {err}") from err
             # everything after the damage is lost: count it against what index.json promised (the key is kept
             # at 0 when the shard held more than promised before its damage: the damage is still reported)
-            stats.skipped[("truncated_tar", shard.path)] += max(shard.count - found, 0)
+            stats.skipped[("truncated_tar" if truncated else "unreadable_shard", shard.path)] += max(shard.count - found, 0)
             if found > shard.count:
                 stats.beyond_index[shard.path] += found - shard.count
             return
+        if progress is not None:
+            progress.done.add(shard.path)
         if found != shard.count:
             if self.strict:
                 raise DataError(f"{shard.path} holds {found} samples but its index.json promises {shard.count} "
@@ -305,9 +323,10 @@ class ShardStream(IterableDataset):
             else:
                 stats.beyond_index[shard.path] += found - shard.count
 
-    def _read_source(self, shards: list[ShardInfo], stats: StreamStats) -> Iterator[tuple[dict[str, Any], str]]:
+    def _read_source(self, shards: list[ShardInfo], stats: StreamStats, progress: _Progress | None = None
+                     ) -> Iterator[tuple[dict[str, Any], str]]:
         for shard in shards:
-            yield from self._read_shard(shard, stats)
+            yield from self._read_shard(shard, stats, progress)
 
     def _decoded(self, raws: Iterator[tuple[dict[str, Any], str]], stats: StreamStats) -> Iterator[Record]:
         """Decode raw samples into records; a bad one is counted by reason and shard (or raises when strict).
@@ -328,10 +347,17 @@ class ShardStream(IterableDataset):
                 continue
             yield record
 
-    def _mixture(self, shard_lists: list[list[ShardInfo]], stats: StreamStats, rng: random.Random
-                 ) -> Iterator[tuple[dict[str, Any], str]]:
-        """Interleave the sources by weight until all are exhausted (weights renormalised as sources end)."""
-        streams = [(self._read_source(shards, stats), src.weight) for shards, src in zip(shard_lists, self.sources) if shards]
+    def _mixture(self, shard_lists: list[list[ShardInfo]], stats: StreamStats, rng: random.Random,
+                 progress: _Progress | None = None) -> Iterator[tuple[dict[str, Any], str]]:
+        """Interleave the sources by weight until all are exhausted (weights renormalised as sources end).
+        ``progress`` (first training pass) keeps each source's reader, to count what is left at the quota."""
+        streams = []
+        for shards, src in zip(shard_lists, self.sources):
+            if shards:
+                reader = self._read_source(shards, stats, progress)
+                streams.append((reader, src.weight))
+                if progress is not None:
+                    progress.readers.append((is_remote(src.index.root), reader, shards))
         if len(streams) == 1:  # nothing to mix: skip a random draw per sample
             yield from streams[0][0]
             return
@@ -421,7 +447,8 @@ class ShardStream(IterableDataset):
             got_any = False
             # a re-read pass counts its re-reads only: its damage and bad samples were counted on the first pass
             pass_stats = stats if passes == 0 else StreamStats()
-            raws = self._mixture(shard_lists, pass_stats, rng)
+            progress = _Progress() if passes == 0 else None
+            raws = self._mixture(shard_lists, pass_stats, rng, progress)
             buffer: list[Any] = []
             for record in self._decoded(self._shuffled(raws, rng, buffer), pass_stats):
                 got_any = True
@@ -430,7 +457,7 @@ class ShardStream(IterableDataset):
                 pending.append(record)
                 if len(pending) == self.batch_size:
                     if emitted + 1 == quota and passes == 0:
-                        self._count_unused(raws, buffer, stats)  # goes out with the last batch
+                        self._count_unused(progress, buffer, stats)  # goes out with the last batch
                     if emitted < skip:
                         stats.take()  # delivered before the interruption: already in the saved accounting
                     else:
@@ -444,24 +471,43 @@ class ShardStream(IterableDataset):
 
 
     @staticmethod
-    def _count_unused(raws: Iterator[tuple[dict[str, Any], str]], buffer: list[Any], stats: StreamStats) -> None:
+    def _count_unused(progress: _Progress, buffer: list[Any], stats: StreamStats) -> None:
         """At the quota: what the shuffle buffer holds and what the worker's shards still hold is unused this
-        epoch. The shards are read to their end without decoding (their damage and index counts are checked
-        as on any read); ``raws`` is the first pass's raw stream, suspended under the buffer."""
+        epoch. Local shards are read to their end without decoding (their damage and index counts are checked
+        as on any read). Remote shards are not downloaded for a count: the rest of each is what index.json
+        promises less what was read (damage or extra samples in that rest go unseen); the open stream is closed.
+        ``progress`` holds the first pass's per-source readers, suspended under the buffer."""
         stats.unused.update(shard for _, shard in buffer)
         buffer.clear()
-        for _, shard in raws:
-            stats.unused[shard] += 1
+        for remote, reader, shards in progress.readers:
+            if not remote:
+                for _, shard in reader:
+                    stats.unused[shard] += 1
+                continue
+            reader.close()
+            for s in shards:
+                left = s.count - progress.found.get(s.path, 0)
+                if s.path not in progress.done and left > 0:
+                    stats.unused[s.path] += left
 
 
-def fetch_records(wanted: dict[str, set[str]]) -> dict[str, Record]:
+@dataclass
+class _Progress:
+    """A first training pass's readers ``(remote, generator, shards)`` per source, and how far each shard got."""
+
+    readers: list[tuple[bool, Iterator[tuple[dict[str, Any], str]], list[ShardInfo]]] = field(default_factory=list)
+    found: dict[str, int] = field(default_factory=dict)
+    done: set[str] = field(default_factory=set)
+
+
+def fetch_records(wanted: dict[str, set[str]], remote: RemoteOptions | None = None) -> dict[str, Record]:
     """Read a few records back by key: ``{shard_path: {key, ...}}`` -> ``{key: Record}`` (for reports)."""
     found: dict[str, Record] = {}
     for shard, keys in wanted.items():
         try:
-            for raw in iter_raw_samples(shard):
+            for raw in iter_raw_samples(shard, remote):
                 if raw["__key__"] in keys:
                     found[raw["__key__"]] = decode_sample(raw, shard=shard)
-        except (TruncatedShard, CorruptSample):
+        except (TruncatedShard, ShardUnreadable, CorruptSample):
             continue  # a report shows what it can; the stream's accounting already counted the damage
     return found
