@@ -28,6 +28,11 @@ MINI_TOY = {"seed": 0, "n_train_per_task": 40, "n_eval_queries": 12, "n_pool_ima
 MINI_OVERRIDES = [f"+data.prepare.{k}={v}" for k, v in MINI_TOY.items() if k != "seed"]
 
 
+def probe_on(mini: Path) -> list[str]:
+    """The linear probe of the cluster experiments on the small set (their training still reads the full one)."""
+    return [f"eval.train.path={mini}/toy/train", f"eval.test.path={mini}/toy/eval/pools/toy_images", "eval.max_iter=50"]
+
+
 @pytest.fixture(scope="module")
 def mini_data_dir(tmp_path_factory) -> Path:
     """The small toy set; the cluster-discrimination experiments use the session's full toy set instead (their
@@ -90,7 +95,7 @@ def _run_both(experiment: str, data_dir: Path, tmp: Path, path: Path, probes: di
     assert metrics and all(v == v for v in metrics.values())  # evaluated, no NaN
     eval_report = json.loads((tmp / "eval" / REPORT_FILE).read_text())
     tcfg = _compose("train", experiment, data_dir, tmp / "train", f"pretrained.path={path}", "trainer.max_steps=1",
-                    *overrides)
+                    "data.batch_size=16", *overrides)
     with open_dict(tcfg):
         tcfg.eval = None  # a training step only (the experiment's eval block would survive eval=none)
     train_cli.train(tcfg)
@@ -218,7 +223,7 @@ def _unicom_official(ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_unicom_fp16_vit(toy_data_dir, tmp_path, monkeypatch):
+def test_unicom_fp16_vit(toy_data_dir, mini_data_dir, tmp_path, monkeypatch):
     ours = _source("unicom_tiny", toy_data_dir, tmp_path).encoder.state_dict()
     official = _unicom_official(ours)
     assert "blocks.0.attn.qkv.bias" not in official  # UNICOM's qkv has no bias
@@ -227,7 +232,8 @@ def test_unicom_fp16_vit(toy_data_dir, tmp_path, monkeypatch):
     probes = {"encoder.patch_embed.weight": official["patch_embed.proj.weight"],
               "encoder.blocks.1.mlp.2.weight": official["blocks.1.mlp.fc2.weight"],
               "encoder.feature.3.running_var": official["feature.3.running_var"]}
-    report = _run_both("unicom_tiny", toy_data_dir, tmp_path, path, probes, monkeypatch=monkeypatch)
+    report = _run_both("unicom_tiny", toy_data_dir, tmp_path, path, probes, *probe_on(mini_data_dir),
+                       monkeypatch=monkeypatch)
     assert report["mapped"]["blocks.0.mlp.fc1.weight"] == "blocks.0.mlp.0.weight"
     assert report["cast"]["pos_embed"] == ["float16", "float32"]
     assert len(report["cast"]) == sum(v.is_floating_point() for v in official.values())
@@ -248,12 +254,13 @@ def test_unicom_rejects_unknown_and_missing_keys(toy_data_dir, tmp_path):
 
 
 # -- MLCD ---------------------------------------------------------------------------------------------------------
-def test_mlcd_hf_folder(toy_data_dir, tmp_path, monkeypatch):
+def test_mlcd_hf_folder(toy_data_dir, mini_data_dir, tmp_path, monkeypatch):
     tower = _source("mlcd_tiny", toy_data_dir, tmp_path).encoder.model
     tower.save_pretrained(tmp_path / "mlcd-tiny")  # transformers' own layout, as DeepGlint-AI/mlcd-vit-*
     key = next(k for k in tower.state_dict() if ".layers.0." in k and k.endswith("q_proj.weight"))
     probes = {f"encoder.model.{key}": tower.state_dict()[key]}
-    report = _run_both("mlcd_tiny", toy_data_dir, tmp_path, tmp_path / "mlcd-tiny", probes, monkeypatch=monkeypatch)
+    report = _run_both("mlcd_tiny", toy_data_dir, tmp_path, tmp_path / "mlcd-tiny", probes, *probe_on(mini_data_dir),
+                       monkeypatch=monkeypatch)
     assert len(report["mapped"]) == len(tower.state_dict()) and report["dropped"] == {}
 
 
@@ -282,7 +289,7 @@ def test_vlm2vec_phi35v_full_folder(mini_data_dir, tmp_path, monkeypatch):
     probes = {"backbone.model.language_model.layers.1.self_attn.qkv_proj.weight": official["model.layers.1.self_attn.qkv_proj.weight"],
               "backbone.model.vision.sub_GN": official["model.vision_embed_tokens.sub_GN"]}
     report = _run_both("vlm2vec_phi35v_tiny", mini_data_dir, tmp_path, tmp_path / "VLM2Vec-Full", probes,
-                       monkeypatch=monkeypatch)
+                       "processor.num_crops=1", monkeypatch=monkeypatch)
     assert list(report["dropped"]) == ["lm_head.weight"] and report["kept"] == {}
 
 
@@ -305,7 +312,7 @@ def test_vlm2vec_phi35v_lora_adapter(mini_data_dir, tmp_path, monkeypatch):
     module, _, tail = key.removeprefix(prefix).partition(".lora_B.")
     our_key = f"{prefix}{_phi_ours(module)}.lora_B.default.{tail}"
     probes = {f"backbone.model.{our_key}": official[key]}
-    report = _run_both("vlm2vec_phi35v_tiny", mini_data_dir, tmp_path, folder, probes,
+    report = _run_both("vlm2vec_phi35v_tiny", mini_data_dir, tmp_path, folder, probes, "processor.num_crops=1",
                        "+model.lora={rank:2,alpha:4,use_dora:true}", monkeypatch=monkeypatch)
     assert report["loader"] == "unimm.checkpoints.vlm.load_adapter_folder"
     assert len(report["mapped"]) == len(official) and any("lora_magnitude_vector" in k for k in report["mapped"])
@@ -346,13 +353,13 @@ def test_e5v_llava_full_folder_legacy_layout(toy_data_dir, tmp_path, monkeypatch
 
 
 # -- one real CLI run ---------------------------------------------------------------------------------------------
-def test_cli_evaluates_a_released_unicom_file(toy_data_dir, tmp_path):
+def test_cli_evaluates_a_released_unicom_file(toy_data_dir, mini_data_dir, tmp_path):
     ours = _source("unicom_tiny", toy_data_dir, tmp_path).encoder.state_dict()
     official = _unicom_official(ours)
     torch.save(official, tmp_path / "FP16-ViT-tiny.pt")
     proc = run_cli("unimm.eval", "+experiment=unicom_tiny", f"paths.data_dir={toy_data_dir}",
                    f"paths.log_dir={tmp_path / 'logs'}", f"pretrained.path={tmp_path / 'FP16-ViT-tiny.pt'}",
-                   "logger=none", "data.num_workers=0", cwd=tmp_path)
+                   "logger=none", "data.num_workers=0", *probe_on(mini_data_dir), cwd=tmp_path)
     run = single_run_dir(tmp_path / "logs", "unicom_tiny", "evals")
     report = json.loads((run / REPORT_FILE).read_text())
     assert report["counts"]["mapped"] == len(official)
