@@ -379,3 +379,44 @@ def test_unimoco_llava_next_full_folder_current_layout(mini_data_dir, tmp_path, 
     report = _run_both("unimoco_tiny", mini_data_dir, tmp_path, tmp_path / "unimoco", probes, monkeypatch=monkeypatch)
     assert list(report["dropped"]) == ["lm_head.weight"]
     assert report["kept"] and all(k.startswith("completion.") for k in report["kept"])  # not in a backbone folder
+
+
+# the released UNICOM models, as unicom/vision_transformer.py build_model: (image, patch, width, depth, heads, embedding)
+UNICOM_RELEASES = {"unicom_vit_b32": (224, 32, 768, 12, 12, 512), "unicom_vit_b16": (224, 16, 768, 12, 12, 768),
+                   "unicom_vit_l14": (224, 14, 1024, 24, 16, 768), "unicom_vit_l14_336": (336, 14, 1024, 24, 16, 768)}
+
+
+def _unicom_release_shapes(image, patch, d, depth, heads, e) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the official VisionTransformer state dict (written from the official module definitions)."""
+    n = (image // patch) ** 2
+    shapes = {"patch_embed.proj.weight": (d, 3, patch, patch), "patch_embed.proj.bias": (d,), "pos_embed": (1, n, d),
+              "norm.weight": (d,), "norm.bias": (d,), "feature.0.weight": (d, d * n), "feature.2.weight": (e, d)}
+    for i, width in ((1, d), (3, e)):
+        shapes.update({f"feature.{i}.{k}": (width,) for k in ("weight", "bias", "running_mean", "running_var")})
+        shapes[f"feature.{i}.num_batches_tracked"] = ()
+    for b in range(depth):
+        p = f"blocks.{b}."
+        shapes.update({p + "norm1.weight": (d,), p + "norm1.bias": (d,), p + "norm2.weight": (d,), p + "norm2.bias": (d,),
+                       p + "attn.qkv.weight": (3 * d, d), p + "attn.proj.weight": (d, d), p + "attn.proj.bias": (d,),
+                       p + "mlp.fc1.weight": (4 * d, d), p + "mlp.fc1.bias": (4 * d,), p + "mlp.fc2.weight": (d, 4 * d),
+                       p + "mlp.fc2.bias": (d,)})
+    return shapes
+
+
+@pytest.mark.parametrize("experiment", sorted(UNICOM_RELEASES))
+def test_unicom_experiments_fit_the_released_shapes(experiment, tmp_path):
+    """Each released size has an experiment whose encoder takes the release's every key and shape (built on the meta
+    device: no memory, no init)."""
+    from unimm.checkpoints.report import LoadReport
+    from unimm.checkpoints.unicom import convert_unicom_state
+
+    image, *_ = spec = UNICOM_RELEASES[experiment]
+    cfg = _compose("train", experiment, tmp_path, tmp_path)
+    assert cfg.processor.image_size == image
+    with torch.device("meta"):
+        encoder = instantiate(cfg.model.encoder)
+        official = {k: torch.empty(s, dtype=torch.long if k.endswith("tracked") else torch.float16)
+                    for k, s in _unicom_release_shapes(*spec).items()}
+    report = LoadReport()
+    convert_unicom_state(official, encoder.state_dict(), report)  # raises on any unmapped / missing key or shape
+    assert len(report.mapped) == len(official) == len(encoder.state_dict())
