@@ -188,3 +188,60 @@ def test_mbeir_all_names_missing_release_files_before_writing(fx, tmp_path, caps
         mbeir.convert_all(root, tmp_path / "out", only=["mscoco"])
     reports = mbeir.convert_all(root, tmp_path / "out", only=["cirr_task7"], workers=1)
     assert list(reports) == ["cirr_task7"]
+
+
+def _parquet(path: Path, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def test_mmeb_all_prepares_eval_train_and_vqa_in_one_command(tmp_path, capsys):
+    from PIL import Image
+
+    from unimm.data.convert import mmeb
+
+    root = tmp_path / "hf"
+    for images in (mmeb.EVAL_IMAGES, mmeb.TRAIN_IMAGES):
+        (root / images).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(root / images / "a.jpg")
+    for name in ("ImageNet-1K", "MSCOCO_t2i"):
+        _parquet(root / mmeb.EVAL_DIR / name / "test-00000-of-00001.parquet", [
+            {"qry_text": "<|image_1|> what is it", "qry_img_path": "a.jpg", "tgt_text": ["apple", "boat"],
+             "tgt_img_path": ["", ""]}])
+    for name in sorted(mmeb.IND):
+        _parquet(root / mmeb.TRAIN_DIR / name / "train.parquet", [
+            {"qry": f"<|image_1|> {name} {i}", "qry_image_path": "a.jpg", "pos_text": f"answer {i}",
+             "pos_image_path": ""} for i in range(3)])
+    out = tmp_path / "data"
+    convert_main(["mmeb", "all", "--root", str(root), "--out", str(out), "--per-dataset", "2"])
+    bench = load_benchmark(out / "mmeb")
+    assert sorted(e.name for e in bench.evaluations) == ["ImageNet-1K", "MSCOCO_t2i"]  # not eval_images
+    assert read_index(out / "mmeb_train").total == 2 * len(mmeb.IND)  # --per-dataset rows of each IND set
+    assert read_index(out / "mmeb_vqa").total == 3 * len(mmeb.VQA)  # every row of the six VQA sets
+    shutil.rmtree(root / mmeb.TRAIN_DIR / "ChartQA")
+    with pytest.raises(SystemExit):
+        convert_main(["mmeb", "all", "--root", str(root), "--out", str(tmp_path / "again")])
+    assert "MMEB-train/ChartQA" in capsys.readouterr().err and not (tmp_path / "again").exists()
+
+
+def test_the_fast_tar_writer_writes_webdataset_s_bytes(tmp_path):
+    import webdataset as wds
+
+    from unimm.data.convert.parallel import TarWriter
+
+    samples = [{"__key__": "mbeir_9_1", "meta.json": b'{"did": "9:1"}', "cand.jpg": b"\xff\xd8" * 700,
+                "cand.txt": "caf\u00e9"},
+               {"__key__": "k" * 120, "query.txt": b"a member name longer than 100 bytes: pax header"},
+               {"__key__": "\u00fcml\u00e4ut", "pos.txt": b""}, {"__key__": "e", "pos.png": bytes(10240)}]
+    ours, theirs = TarWriter(str(tmp_path / "ours.tar"), mtime=1_700_000_000), wds.TarWriter(
+        str(tmp_path / "theirs.tar"), mtime=1_700_000_000)
+    for sample in samples:
+        ours.write(sample)
+        theirs.write(sample)
+    ours.close()
+    theirs.close()
+    assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "theirs.tar").read_bytes()
+    assert [s["__key__"] for s in iter_raw_samples(str(tmp_path / "ours.tar"))] == [s["__key__"] for s in samples]

@@ -141,7 +141,8 @@ def convert_mmeb(root: str | Path, images: str | Path, out: str | Path, datasets
     Returns the report also written to ``<out>/convert_report.json``.
     """
     root, images = Path(root), Path(images)
-    names = datasets or sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = datasets or sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                               and any(f.suffix in (".parquet", ".jsonl", ".json") for f in p.iterdir()))
     bench = BenchmarkWriter(out, name="mmeb")
     report = {}
     for name in names:
@@ -224,12 +225,66 @@ def read_rows_fields(dataset_dir: Path, fields: tuple[str, ...]) -> list[dict]:
     return rows
 
 
+# `all`: the folders of the two HF datasets under --root, as their READMEs unpack them, and what is written
+EVAL_DIR, EVAL_IMAGES = "MMEB-eval", "MMEB-eval/eval_images"
+TRAIN_DIR, TRAIN_IMAGES = "MMEB-train", "MMEB-train/images"
+# MMEB-train's six VQA subsets: E5-V / UniMoCo stage-2 pairs (conf/data/e5v_vqa.yaml)
+VQA = ("OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W")
+
+
+def convert_all(root: str | Path, out: str | Path, only: list[str] | None = None, per_dataset: int | None = 100000,
+                strict: bool = False, shard_size: int = 1000) -> dict:
+    """Prepare MMEB in one command from ``root`` holding ``MMEB-eval/`` (with ``eval_images/``) and
+    ``MMEB-train/`` (with ``images/``): ``out/mmeb`` (the 36 evaluations, ``eval=mmeb``), ``out/mmeb_train``
+    (the 20 IND training sets, first ``per_dataset`` rows each: VLM2Vec 100000, UniMoCo 50000) and
+    ``out/mmeb_vqa`` (the six VQA training sets, every row). ``only``: a subset of ``eval``, ``train``, ``vqa``.
+    Every input folder is checked before anything is written. Returns ``{part: report}``.
+    """
+    root, out = Path(root), Path(out)
+    parts = {"eval": (EVAL_DIR, EVAL_IMAGES), "train": (TRAIN_DIR, TRAIN_IMAGES), "vqa": (TRAIN_DIR, TRAIN_IMAGES)}
+    wanted = list(only) if only else list(parts)
+    unknown = [w for w in wanted if w not in parts]
+    if unknown:
+        raise ValueError(f"unknown MMEB part(s) {unknown}; valid: {list(parts)}")
+    needed = {d for w in wanted for d in parts[w]}
+    if "train" in wanted:
+        needed |= {f"{TRAIN_DIR}/{name}" for name in sorted(IND)}
+    if "vqa" in wanted:
+        needed |= {f"{TRAIN_DIR}/{name}" for name in VQA}
+    missing = sorted(str(root / d) for d in needed if not (root / d).is_dir())
+    if missing:
+        raise FileNotFoundError(f"{root} lacks {len(missing)} folder(s) of the MMEB layout (TIGER-Lab/MMEB-eval and "
+                                f"MMEB-train with their images unzipped): {missing[:8]}")
+    reports = {}
+    if "eval" in wanted:
+        reports["eval"] = convert_mmeb(root / EVAL_DIR, root / EVAL_IMAGES, out / "mmeb", None, strict, shard_size)
+    if "train" in wanted:
+        reports["train"] = convert_mmeb_train(root / TRAIN_DIR, root / TRAIN_IMAGES, out / "mmeb_train",
+                                              sorted(IND), per_dataset, shard_size)
+    if "vqa" in wanted:
+        reports["vqa"] = convert_mmeb_train(root / TRAIN_DIR, root / TRAIN_IMAGES, out / "mmeb_vqa", list(VQA),
+                                            None, shard_size)
+    return reports
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unimm.data.convert.mmeb",
                                      description="MMEB (VLM2Vec) -> unimm: eval = benchmark folder, train = shards")
     modes = parser.add_subparsers(dest="mode", required=True)
     evaluation = modes.add_parser("eval", help="MMEB-eval -> benchmark folder (one evaluation per dataset)")
     train = modes.add_parser("train", help="MMEB-train -> one training shard set")
+    everything = modes.add_parser(
+        "all", help="everything in one command: <out>/mmeb, <out>/mmeb_train, <out>/mmeb_vqa",
+        description=f"--root holds {EVAL_DIR}/ (with eval_images/) and {TRAIN_DIR}/ (with images/); writes "
+        "<out>/mmeb (eval=mmeb), <out>/mmeb_train (20 IND sets) and <out>/mmeb_vqa (the six VQA sets).")
+    everything.add_argument("--root", required=True, help=f"folder with {EVAL_DIR}/ and {TRAIN_DIR}/")
+    everything.add_argument("--out", required=True, help="data folder (= ${paths.data_dir})")
+    everything.add_argument("--per-dataset", type=int, default=100000,
+                            help="MMEB-train rows per IND dataset (VLM2Vec: 100000, the default; UniMoCo: 50000)")
+    everything.add_argument("--only", type=lambda t: t.split(","), default=None,
+                            help="comma-separated subset of eval,train,vqa")
+    everything.add_argument("--strict", action="store_true", help="stop at the first unreadable image or bad row")
+    everything.add_argument("--shard-size", type=int, default=1000)
     for sub in (evaluation, train):
         sub.add_argument("--root", required=True, help="folder with one sub-folder of parquet/JSON per dataset")
         sub.add_argument("--images", required=True, help="folder the image paths of the rows are relative to")
@@ -241,11 +296,13 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--per-dataset", type=int, default=None, help="first N rows per dataset (VLM2Vec: 100000)")
     args = parser.parse_args(argv)
     try:
-        if args.mode == "eval":
+        if args.mode == "all":
+            convert_all(args.root, args.out, args.only, args.per_dataset, args.strict, args.shard_size)
+        elif args.mode == "eval":
             convert_mmeb(args.root, args.images, args.out, args.datasets, args.strict, args.shard_size)
         else:
             convert_mmeb_train(args.root, args.images, args.out, args.datasets, args.per_dataset, args.shard_size)
-    except (MMEBError, FileNotFoundError) as err:
+    except (MMEBError, FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
 
 
