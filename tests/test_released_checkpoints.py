@@ -420,3 +420,23 @@ def test_unicom_experiments_fit_the_released_shapes(experiment, tmp_path):
     report = LoadReport()
     convert_unicom_state(official, encoder.state_dict(), report)  # raises on any unmapped / missing key or shape
     assert len(report.mapped) == len(official) == len(encoder.state_dict())
+
+
+def test_full_folder_into_a_dora_model_starts_equal_to_the_loaded_weights(mini_data_dir, tmp_path):
+    """DoRA magnitudes are norms of the weights they were built on: after a full folder replaces those weights they
+    are recomputed, so each adapted layer (B = 0) computes exactly the loaded layer."""
+    from unimm.checkpoints.released import apply_pretrained
+
+    model = _source("vlm2vec_phi35v_tiny", mini_data_dir, tmp_path).backbone.model
+    (tmp_path / "full").mkdir()
+    save_file({_phi_official(k): v.clone() for k, v in model.state_dict().items()}, str(tmp_path / "full" / "model.safetensors"))
+    cfg = _compose("train", "vlm2vec_phi35v_tiny", mini_data_dir, tmp_path / "run", f"pretrained.path={tmp_path / 'full'}",
+                   "+model.lora={rank:2,alpha:4,use_dora:true,init:true}")
+    module = instantiate(cfg.model)
+    report = apply_pretrained(module, cfg)
+    layer = module.backbone.model.base_model.model.language_model.layers[0].self_attn.qkv_proj
+    torch.testing.assert_close(layer.get_base_layer().weight, model.language_model.layers[0].self_attn.qkv_proj.weight)
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.get_base_layer()(x), rtol=1e-5, atol=1e-5)
+    assert any("lora_magnitude_vector" in k and "recomputed" in why for k, why in report.kept.items())

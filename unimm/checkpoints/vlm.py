@@ -14,8 +14,9 @@ are mapped by the experiment's ``key_map`` (a ``pretrained.loader.key_map`` part
 
 Dropped: the LM head (``lm_head.weight``, ``language_model.lm_head.weight``: embeddings only) and Phi-3.5-V's
 ``model.vision_embed_tokens.wte.weight`` (a second name of ``model.embed_tokens.weight``; must equal it). With LoRA
-on (``model.lora``), the full weights go to the adapted layers' ``base_layer`` and the adapters keep their
-initialisation (``report.kept``); UniMoCo's completion module is not part of a backbone folder and is kept too.
+on (``model.lora``), the full weights go to the adapted layers' ``base_layer``, the adapters keep their
+initialisation and DoRA magnitudes are recomputed from the loaded weights (``report.kept``); UniMoCo's
+completion module is not part of a backbone folder and is kept too.
 
 An **adapter folder** (``TIGER-Lab/VLM2Vec-LoRA``: ``adapter_config.json`` + ``adapter_model.safetensors``, peft's
 layout ``base_model.model.<module>.lora_A.weight`` ...) needs ``model.lora`` set to the adapter's settings (rank,
@@ -110,7 +111,23 @@ def load_full_folder(backbone, path: Path, key_map: Callable, report: LoadReport
         raise KeyError(f"{path}: {len(unknown)} keys map onto no parameter of the backbone "
                        f"({type(model).__name__}): {sorted(unknown)[:20]}")
     model.load_state_dict(strict_fit(state, ours, report, f"model folder {path}", kept=adapters), strict=False)
+    _refresh_dora_magnitudes(model, report)
     return report
+
+
+@torch.no_grad()
+def _refresh_dora_magnitudes(model: torch.nn.Module, report: LoadReport) -> None:
+    """DoRA's magnitude is the row norm of ``W + scale * B A`` taken when peft wrapped the layer: after new base
+    weights ``W`` it is recomputed, as peft does at wrapping, so the adapted layer still starts equal to ``W``."""
+    for name, module in model.named_modules():
+        magnitudes = getattr(module, "lora_magnitude_vector", None)
+        if not magnitudes:
+            continue
+        for adapter, layer in magnitudes.items():
+            layer.update_layer(base_layer=module.get_base_layer(), lora_A=module.lora_A[adapter].weight,
+                               lora_B=module.lora_B[adapter].weight, scaling=module.scaling[adapter])
+            key = f"{name}.lora_magnitude_vector.{adapter}.weight"
+            report.kept[key] = "DoRA magnitude: recomputed from the loaded weights (as peft does when it wraps a layer)"
 
 
 def load_adapter_folder(backbone, path: Path, key_map: Callable, report: LoadReport) -> LoadReport:
