@@ -389,3 +389,31 @@ def test_unused_samples_of_a_remote_set_are_counted_without_reading_them(tmp_pat
     (unused_shard,) = _strip(remote_stats).unused
     assert http_server.requests[f"set/{unused_shard}"] == 0
     assert sum(http_server.requests[f"set/shard-{i:06d}.tar"] for i in range(5)) == 4
+
+
+# -- evaluation shard sets: a benchmark folder served over HTTP ----------------------------------------------
+
+def test_a_benchmark_over_http_reads_its_pools_queries_and_qrels(tmp_path, http_server):
+    from unimm.data.benchmark import BenchmarkWriter, load_benchmark, read_qrels
+
+    bench = BenchmarkWriter(tmp_path / "bench", name="toy")
+    with bench.pool_writer("texts", max_count=4) as w:
+        for i in range(10):
+            w.write(make_sample(f"d{i}", {"did": f"d{i}", "modality": "text"}, cand=Item(text=f"cand {i}")))
+    with bench.query_writer("t2t", max_count=4) as w:
+        for i in range(6):
+            w.write(make_sample(f"q{i}", {"qid": f"q{i}"}, query=Item(text=f"query {i}")))
+    bench.write_qrels("t2t", [f"q{i} 0 d{i} 1 0" for i in range(6)])
+    bench.add_evaluation("t2t", dataset="toy", task="t2t", query_modality="text", cand_modality="text", pool="texts")
+    bench.save()
+    url = f"{http_server.url}/bench"
+    spec = load_benchmark(url).evaluation("t2t")
+    assert spec.queries == f"{url}/queries/t2t" and spec.pool_path == f"{url}/pools/texts"
+    assert read_qrels(spec.qrels) == read_qrels(tmp_path / "bench" / "qrels" / "t2t.txt")
+    dm = ShardDataModule({}, collator=lambda processor, sides: (lambda rs: {"keys": [r.key for r in rs]}),
+                         eval_batch_size=4, num_workers=2, remote={"retries": 1, "backoff_s": 0})
+    dm.attach_processor(object())
+    pool = [k for b in dm.eval_loader(spec.pool_path, ("cand",)) for k in b["keys"]]
+    assert sorted(pool) == sorted(f"d{i}" for i in range(10))
+    with pytest.raises(FileNotFoundError, match="not a unimm benchmark"):
+        load_benchmark(f"{http_server.url}/elsewhere")

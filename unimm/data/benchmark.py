@@ -23,6 +23,7 @@ merges its additions into the benchmark.json it finds on disk.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unimm.data.remote import ShardUnreadable, is_remote, join, read_bytes
 from unimm.data.shards import ShardSetWriter, read_index
 
 BENCHMARK_FILE = "benchmark.json"
@@ -80,18 +82,27 @@ def load_benchmark(root: str | os.PathLike) -> BenchmarkSpec:
         FileNotFoundError: benchmark.json, a pool or query shard set, or a qrels file is missing (named).
         ValueError: an evaluation uses a pool that ``pools`` does not declare, or ``report_k`` not in ``ks``.
     """
-    root = Path(root).resolve()
-    path = root / BENCHMARK_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"not a unimm benchmark: {path} is missing")
+    if is_remote(root):  # a benchmark at a URL (unimm.data.remote): its shard sets and qrels under it
+        root = os.fspath(root).rstrip("/")
+        path = join(root, BENCHMARK_FILE)
+        try:
+            text = read_bytes(path).decode("utf-8")
+        except ShardUnreadable as err:
+            raise FileNotFoundError(f"not a unimm benchmark: {path} cannot be read ({err})") from err
+    else:
+        root = Path(root).resolve()
+        path = root / BENCHMARK_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"not a unimm benchmark: {path} is missing")
+        text = path.read_text()
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
     for field in ("pools", "evaluations"):
         if field not in data:
             raise ValueError(f"{path} has no {field!r} field (a benchmark.json needs 'pools' and 'evaluations')")
-    pools = {name: str(root / rel) for name, rel in data["pools"].items()}
+    pools = {name: join(root, rel) for name, rel in data["pools"].items()}
     for name, pool_path in pools.items():
         _require_shard_set(pool_path, f"pool {name!r} of {path}")
     evaluations = []
@@ -110,20 +121,20 @@ def load_benchmark(root: str | os.PathLike) -> BenchmarkSpec:
             task=entry["task"],
             query_modality=entry["query_modality"],
             cand_modality=entry["cand_modality"],
-            queries=str(root / entry["queries"]),
+            queries=join(root, entry["queries"]),
             pool=entry["pool"],
             pool_path=pools[entry["pool"]],
-            qrels=str(root / entry["qrels"]),
+            qrels=join(root, entry["qrels"]),
             ks=tuple(int(k) for k in entry.get("ks", (1, 5, 10))),
             report_k=int(entry.get("report_k", 5)),
         )
         if spec.report_k not in spec.ks:
             raise ValueError(f"{path}: evaluation {name!r} reports k={spec.report_k}, not among ks {spec.ks}")
         _require_shard_set(spec.queries, f"queries of evaluation {name!r} in {path}")
-        if not os.path.isfile(spec.qrels):
+        if not is_remote(spec.qrels) and not os.path.isfile(spec.qrels):  # a remote one is named when read
             raise FileNotFoundError(f"qrels of evaluation {name!r} in {path}: {spec.qrels} is missing")
         evaluations.append(spec)
-    return BenchmarkSpec(data.get("name", root.name), str(root), pools, tuple(evaluations))
+    return BenchmarkSpec(data.get("name", os.path.basename(str(root))), str(root), pools, tuple(evaluations))
 
 
 def _require_shard_set(path: str, what: str) -> None:
@@ -140,7 +151,7 @@ def read_qrels(path: str | os.PathLike) -> dict[str, set[str]]:
     line has fewer than 4 fields or a non-integer rel.
     """
     qrels: dict[str, set[str]] = {}
-    with open(path) as f:
+    with io.StringIO(read_bytes(os.fspath(path)).decode("utf-8")) if is_remote(path) else open(path) as f:
         for lineno, line in enumerate(f, 1):
             fields = line.split()
             if not fields:

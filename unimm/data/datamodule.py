@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from unimm.data.remote import RemoteOptions
+from unimm.data.remote import RemoteOptions, set_default
 from unimm.data.shards import read_index
 from unimm.data.stream import SampleAccounting, ShardStream, Source
 
@@ -89,6 +89,7 @@ class ShardDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.eval_sort_window = eval_sort_window
         self.remote = RemoteOptions.from_config(remote)
+        set_default(self.remote)  # for the evaluation helpers that read qrels and records at the same URLs
         self.processor = None
         self.accounting = SampleAccounting()
         self._train_stream: ShardStream | None = None

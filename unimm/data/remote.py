@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RemoteOptions", "RetryingStream", "ShardUnreadable", "is_remote", "join", "open_remote", "read_bytes"]
+__all__ = ["RemoteOptions", "RetryingStream", "ShardUnreadable", "is_remote", "join", "open_remote", "read_bytes",
+           "set_default"]
 
 # errors that retrying cannot fix: the file is not there or not ours to read
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -63,6 +64,13 @@ class RemoteOptions:
 
 
 DEFAULT = RemoteOptions()
+
+
+def set_default(options: RemoteOptions) -> None:
+    """The options used where none are passed (evaluation helpers reading qrels, benchmark.json or records
+    back for reports). The DataModule sets its ``data.remote`` here; worker processes forked later inherit it."""
+    global DEFAULT
+    DEFAULT = options
 
 
 class ShardUnreadable(OSError):
