@@ -245,3 +245,36 @@ def test_the_fast_tar_writer_writes_webdataset_s_bytes(tmp_path):
     theirs.close()
     assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "theirs.tar").read_bytes()
     assert [s["__key__"] for s in iter_raw_samples(str(tmp_path / "ours.tar"))] == [s["__key__"] for s in samples]
+
+
+def test_a_killed_conversion_resumes_from_its_finished_shards(fx, tmp_path):
+    """SIGKILL the command line mid-way (workers and all), run it again: the finished shards are kept and the
+    result is the same bytes as an uninterrupted conversion."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    grow_train_queries(fx, 40)  # 200 queries, one shard each
+    reference = tmp_path / "reference"
+    mbeir.convert_train(fx.train_queries, fx.pool, fx.root, reference, shard_size=1, workers=1)
+    out, partial = tmp_path / "train", tmp_path / ".train.partial"
+    command = [sys.executable, "-m", "unimm.data.convert", "mbeir", "train", "--queries", str(fx.train_queries),
+               "--pool", str(fx.pool), "--images", str(fx.root), "--out", str(out), "--shard-size", "1",
+               "--workers", "2"]
+    process = subprocess.Popen(command, env={**os.environ, "UNIMM_PROGRESS": "0"}, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(list(partial.glob("*.done.json"))) < 5 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGKILL)  # the command and its workers, as a lost node would
+    process.wait()
+    finished = len(list(partial.glob("*.done.json")))
+    if out.exists():
+        pytest.skip("the conversion finished before it could be killed")
+    assert finished >= 5
+    report = mbeir.convert_train(fx.train_queries, fx.pool, fx.root, out, shard_size=1, workers=2)
+    assert report["resumed_shards"] == finished  # done files are renamed into place: each one is whole
+    assert report["queries"]["kept"] == 200
+    assert tree(out) == tree(reference)
