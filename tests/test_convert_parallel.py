@@ -278,3 +278,23 @@ def test_a_killed_conversion_resumes_from_its_finished_shards(fx, tmp_path):
     assert report["resumed_shards"] == finished  # done files are renamed into place: each one is whole
     assert report["queries"]["kept"] == 200
     assert tree(out) == tree(reference)
+
+
+def test_mmeb_train_writes_the_same_bytes_with_one_and_two_workers(tmp_path):
+    from PIL import Image
+
+    from unimm.data.convert import mmeb
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "images" / "a.jpg")
+    for name in ("OK-VQA", "MSCOCO_i2t"):
+        _parquet(tmp_path / "train" / name / "train.parquet", [
+            {"qry": f"<|image_1|> {name} {i}", "qry_image_path": "a.jpg" if i % 3 else "gone.jpg",
+             "pos_text": f"answer {i}", "pos_image_path": ""} for i in range(7)])
+    reports = [mmeb.convert_mmeb_train(tmp_path / "train", tmp_path / "images", tmp_path / f"w{w}",
+                                       ["OK-VQA", "MSCOCO_i2t"], per_dataset=6, shard_size=3, workers=w)
+               for w in (1, 2)]
+    assert tree(tmp_path / "w1") == tree(tmp_path / "w2")
+    assert reports[0]["kept"] == reports[1]["kept"] == 8 and reports[0]["skipped"] == {"image_missing_image": 4}
+    keys = [r["__key__"] for shard in read_index(tmp_path / "w1").shards for r in iter_raw_samples(shard.path)]
+    assert keys[:4] == ["OK-VQA_0000001", "MSCOCO_i2t_0000001", "OK-VQA_0000002", "MSCOCO_i2t_0000002"]

@@ -22,12 +22,13 @@ import argparse
 import hashlib
 import json
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 from unimm.data.benchmark import BenchmarkWriter
 from unimm.data.convert.cc3m import REPORT_FILE, check_image
+from unimm.data.convert.parallel import input_mtime, write_shard_set
 from unimm.data.records import IMAGE_EXTS, make_sample
-from unimm.data.shards import ShardSetWriter
 
 # The 36 MMEB datasets by meta-task, in the order of VLM2Vec's table; IND = also in MMEB-train.
 META_TASKS: dict[str, tuple[str, ...]] = {
@@ -158,58 +159,76 @@ def convert_mmeb(root: str | Path, images: str | Path, out: str | Path, datasets
 TRAIN_FIELDS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 
 
-def convert_mmeb_train(root: str | Path, images: str | Path, out: str | Path, datasets: list[str],
-                       per_dataset: int | None = None, shard_size: int = 1000) -> dict:
-    """MMEB-train (``<root>/<Dataset>/*.parquet`` with ``qry``, ``qry_image_path``, ``pos_text``,
-    ``pos_image_path``) -> one training shard set (sides ``query`` and ``pos``), datasets interleaved row by row.
-
-    ``per_dataset`` keeps the first N rows of each dataset (VLM2Vec ``num_sample_per_subset``: 100K; UniMoCo:
-    50K). Negatives (``neg_text``/``neg_image_path``) are not written: VLM2Vec v1 reads them but never uses them.
-    Rows with an unreadable image are skipped and counted in ``<out>/convert_report.json``.
-    """
-    root, images, out = Path(root), Path(images), Path(out)
+def _build_train(images: str, items: list[tuple], write) -> dict:
+    """Write the MMEB-train records of one shard (runs in a conversion worker); returns its counts."""
     skipped: Counter = Counter()
-    tables = {}
-    for name in datasets:
-        rows = read_rows_fields(root / name, TRAIN_FIELDS)
-        tables[name] = rows[:per_dataset] if per_dataset else rows
 
     def side(text: str | None, path: str | None) -> tuple[str | None, bytes | None] | None:
         if not path:
             return text or None, None
-        data, reason = check_image(images / path) if image_format(path) in IMAGE_EXTS else (None, "unsupported")
+        data, reason = check_image(Path(images) / path) if image_format(path) in IMAGE_EXTS else (None, "unsupported")
         if reason:
             skipped[f"image_{reason}"] += 1
             return None
         return text or None, data
 
     kept = 0
-    with ShardSetWriter(out, max_count=shard_size, source=str(root), converter="mmeb_train") as writer:
-        for index in range(max(len(rows) for rows in tables.values())):
-            for name, rows in tables.items():
-                if index >= len(rows):
-                    continue
-                row = rows[index]
-                query, pos = side(row["qry"], row["qry_image_path"]), side(row["pos_text"], row["pos_image_path"])
-                if query is None or pos is None:
-                    continue
-                # one sample has one image extension: the query's, else the positive's (the other is re-read by it)
-                fmt = image_format(row["qry_image_path"] or row["pos_image_path"] or "x.jpg")
-                if query[1] is not None and pos[1] is not None and image_format(row["pos_image_path"]) != fmt:
-                    skipped["mixed_image_formats"] += 1
-                    continue
-                writer.write(make_sample(f"{name}_{index:07d}", {"dataset": name, "task": META_TASK_OF.get(name)},
-                                         image_format=fmt, query=query, pos=pos))
-                kept += 1
-    report = {"datasets": {n: len(r) for n, r in tables.items()}, "kept": kept, "skipped": dict(skipped)}
+    for name, index, row in items:
+        query, pos = side(row["qry"], row["qry_image_path"]), side(row["pos_text"], row["pos_image_path"])
+        if query is None or pos is None:
+            continue
+        # one sample has one image extension: the query's, else the positive's (the other is re-read by it)
+        fmt = image_format(row["qry_image_path"] or row["pos_image_path"] or "x.jpg")
+        if query[1] is not None and pos[1] is not None and image_format(row["pos_image_path"]) != fmt:
+            skipped["mixed_image_formats"] += 1
+            continue
+        write(make_sample(f"{name}_{index:07d}", {"dataset": name, "task": META_TASK_OF.get(name)},
+                          image_format=fmt, query=query, pos=pos))
+        kept += 1
+    return {"kept": kept, "skipped": dict(skipped)}
+
+
+def convert_mmeb_train(root: str | Path, images: str | Path, out: str | Path, datasets: list[str],
+                       per_dataset: int | None = None, shard_size: int = 1000, workers: int | None = None) -> dict:
+    """MMEB-train (``<root>/<Dataset>/*.parquet`` with ``qry``, ``qry_image_path``, ``pos_text``,
+    ``pos_image_path``) -> one training shard set (sides ``query`` and ``pos``), datasets interleaved row by row.
+
+    ``per_dataset`` keeps the first N rows of each dataset (VLM2Vec ``num_sample_per_subset``: 100K; UniMoCo:
+    50K). Negatives (``neg_text``/``neg_image_path``) are not written: VLM2Vec v1 reads them but never uses them.
+    Rows with an unreadable image are skipped and counted in ``<out>/convert_report.json``. ``workers``
+    processes read the images and write the shards (default: the cores); the output is the same bytes whatever
+    their number and an interrupted run resumes (:mod:`unimm.data.convert.parallel`).
+    """
+    root, images, out = Path(root), Path(images), Path(out)
+    tables = {}
+    for name in datasets:
+        rows = read_rows_fields(root / name, TRAIN_FIELDS)
+        tables[name] = rows[:per_dataset] if per_dataset else rows
+    items = [(name, index, rows[index]) for index in range(max(len(rows) for rows in tables.values()))
+             for name, rows in tables.items() if index < len(rows)]
+    files = [f for name in datasets for f in _data_files(root / name)]
+    source = f"{root} datasets={','.join(datasets)} per_dataset={per_dataset} " + " ".join(
+        f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    result = write_shard_set(out, items, partial(_build_train, str(images)), shard_size=shard_size,
+                             mtime=input_mtime(*files), source=source, converter="mmeb_train", workers=workers,
+                             label=f"mmeb_train {len(datasets)} datasets", total=len(items))
+    skipped: Counter = Counter()
+    for accounting in result.accounting:
+        skipped.update(accounting["skipped"])
+    report = {"datasets": {n: len(r) for n, r in tables.items()}, "kept": result.total, "skipped": dict(skipped),
+              "resumed_shards": result.resumed_shards}
     (out / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     print(f"[mmeb_train] {report}")
     return report
 
 
+def _data_files(dataset_dir: Path) -> list[Path]:
+    return sorted(p for p in dataset_dir.iterdir() if p.suffix in (".parquet", ".jsonl", ".json"))
+
+
 def read_rows_fields(dataset_dir: Path, fields: tuple[str, ...]) -> list[dict]:
     """Rows of one dataset folder restricted to ``fields`` (parquet columns are read selectively)."""
-    files = sorted(p for p in dataset_dir.iterdir() if p.suffix in (".parquet", ".jsonl", ".json"))
+    files = _data_files(dataset_dir)
     if not files:
         raise FileNotFoundError(f"no .parquet/.jsonl/.json file in {dataset_dir}")
     rows: list[dict] = []
@@ -233,7 +252,7 @@ VQA = ("OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W")
 
 
 def convert_all(root: str | Path, out: str | Path, only: list[str] | None = None, per_dataset: int | None = 100000,
-                strict: bool = False, shard_size: int = 1000) -> dict:
+                strict: bool = False, shard_size: int = 1000, workers: int | None = None) -> dict:
     """Prepare MMEB in one command from ``root`` holding ``MMEB-eval/`` (with ``eval_images/``) and
     ``MMEB-train/`` (with ``images/``): ``out/mmeb`` (the 36 evaluations, ``eval=mmeb``), ``out/mmeb_train``
     (the 20 IND training sets, first ``per_dataset`` rows each: VLM2Vec 100000, UniMoCo 50000) and
@@ -260,10 +279,10 @@ def convert_all(root: str | Path, out: str | Path, only: list[str] | None = None
         reports["eval"] = convert_mmeb(root / EVAL_DIR, root / EVAL_IMAGES, out / "mmeb", None, strict, shard_size)
     if "train" in wanted:
         reports["train"] = convert_mmeb_train(root / TRAIN_DIR, root / TRAIN_IMAGES, out / "mmeb_train",
-                                              sorted(IND), per_dataset, shard_size)
+                                              sorted(IND), per_dataset, shard_size, workers)
     if "vqa" in wanted:
         reports["vqa"] = convert_mmeb_train(root / TRAIN_DIR, root / TRAIN_IMAGES, out / "mmeb_vqa", list(VQA),
-                                            None, shard_size)
+                                            None, shard_size, workers)
     return reports
 
 
@@ -285,6 +304,9 @@ def main(argv: list[str] | None = None) -> None:
                             help="comma-separated subset of eval,train,vqa")
     everything.add_argument("--strict", action="store_true", help="stop at the first unreadable image or bad row")
     everything.add_argument("--shard-size", type=int, default=1000)
+    for sub in (train, everything):
+        sub.add_argument("--workers", type=int, default=None,
+                         help="processes for the training sets (default: the cores); the same bytes whatever the number")
     for sub in (evaluation, train):
         sub.add_argument("--root", required=True, help="folder with one sub-folder of parquet/JSON per dataset")
         sub.add_argument("--images", required=True, help="folder the image paths of the rows are relative to")
@@ -297,11 +319,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.mode == "all":
-            convert_all(args.root, args.out, args.only, args.per_dataset, args.strict, args.shard_size)
+            convert_all(args.root, args.out, args.only, args.per_dataset, args.strict, args.shard_size, args.workers)
         elif args.mode == "eval":
             convert_mmeb(args.root, args.images, args.out, args.datasets, args.strict, args.shard_size)
         else:
-            convert_mmeb_train(args.root, args.images, args.out, args.datasets, args.per_dataset, args.shard_size)
+            convert_mmeb_train(args.root, args.images, args.out, args.datasets, args.per_dataset, args.shard_size,
+                               args.workers)
     except (MMEBError, FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
 
