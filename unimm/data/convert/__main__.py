@@ -157,6 +157,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as err:
         # bad input (strict-mode problems, missing files, malformed qrels): a message, not a traceback
         parser.exit(2, f"error: {type(err).__name__}: {err}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "interrupted: the finished shards are kept (in .<out>.partial beside the output); "
+                         "run the same command again to resume\n")
 
 
 def _run(args: argparse.Namespace) -> None:
