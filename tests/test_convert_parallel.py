@@ -298,3 +298,21 @@ def test_mmeb_train_writes_the_same_bytes_with_one_and_two_workers(tmp_path):
     assert reports[0]["kept"] == reports[1]["kept"] == 8 and reports[0]["skipped"] == {"image_missing_image": 4}
     keys = [r["__key__"] for shard in read_index(tmp_path / "w1").shards for r in iter_raw_samples(shard.path)]
     assert keys[:4] == ["OK-VQA_0000001", "MSCOCO_i2t_0000001", "OK-VQA_0000002", "MSCOCO_i2t_0000002"]
+
+
+def test_parallel_map_keeps_the_order_and_reports_each_image(tmp_path):
+    from functools import partial
+
+    from PIL import Image
+
+    from unimm.data.convert import mmeb
+    from unimm.data.convert.parallel import parallel_map
+
+    for i in range(5):
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(tmp_path / f"{i}.jpg")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "0.jpg").read_bytes()[:40])
+    paths = ["3.jpg", "gone.jpg", "0.jpg", "cut.jpg", "4.jpg", "x.gif", "1.jpg"]
+    checked = parallel_map(partial(mmeb._check, str(tmp_path)), paths, workers=2, chunk=2)
+    assert [reason for _, reason in checked] == [None, "missing_image", None, "bad_image", None,
+                                                 "unsupported_image_format", None]
+    assert checked[0][0] == (tmp_path / "3.jpg").read_bytes() and checked[6][0] == (tmp_path / "1.jpg").read_bytes()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from unimm.data.benchmark import BenchmarkWriter
 from unimm.data.convert.cc3m import REPORT_FILE, check_image
-from unimm.data.convert.parallel import input_mtime, write_shard_set
+from unimm.data.convert.parallel import input_mtime, parallel_map, write_shard_set
 from unimm.data.records import IMAGE_EXTS, make_sample
 
 # The 36 MMEB datasets by meta-task, in the order of VLM2Vec's table; IND = also in MMEB-train.
@@ -70,16 +70,24 @@ def modality(pairs: list[tuple[str, str]]) -> str:
     return kinds.most_common(1)[0][0]
 
 
+def _check(images: str, rel: str) -> tuple[bytes | None, str | None]:
+    """(bytes, None) of a readable image, (None, reason) otherwise (runs in a conversion worker)."""
+    return check_image(Path(images) / rel) if image_format(rel) in IMAGE_EXTS else (None, "unsupported_image_format")
+
+
 def convert_dataset(name: str, rows: list[dict], images: Path, bench: BenchmarkWriter, strict: bool = False,
-                    shard_size: int = 1000) -> dict:
-    """Write pool, queries and qrels of one MMEB dataset into ``bench``; returns its skip counts."""
+                    shard_size: int = 1000, workers: int | None = None) -> dict:
+    """Write pool, queries and qrels of one MMEB dataset into ``bench``; returns its skip counts.
+
+    Every image the rows name is read and checked first, in ``workers`` processes (default: the cores)."""
     skipped: Counter = Counter()
-    cache: dict[str, tuple[bytes | None, str | None]] = {}
+    paths = sorted({p for row in rows for p in [row["qry_img_path"], *(row["tgt_img_path"] or [])] if p})
+    cache: dict[str, tuple[bytes | None, str | None]] = dict(
+        zip(paths, parallel_map(partial(_check, str(images)), paths, workers, label=f"{name} images")))
 
     def image(rel: str, where: str) -> tuple[bytes | None, str | None]:
         if rel not in cache:
-            ok = image_format(rel) in IMAGE_EXTS
-            cache[rel] = check_image(images / rel) if ok else (None, "unsupported_image_format")
+            cache[rel] = _check(str(images), rel)
         data, reason = cache[rel]
         if reason and strict:
             raise MMEBError(f"{name} {where}: image {images / rel}: {reason}")
@@ -136,7 +144,7 @@ def convert_dataset(name: str, rows: list[dict], images: Path, bench: BenchmarkW
 
 
 def convert_mmeb(root: str | Path, images: str | Path, out: str | Path, datasets: list[str] | None = None,
-                 strict: bool = False, shard_size: int = 1000) -> dict:
+                 strict: bool = False, shard_size: int = 1000, workers: int | None = None) -> dict:
     """Convert the dataset folders under ``root`` (default: every folder that holds data files).
 
     Returns the report also written to ``<out>/convert_report.json``.
@@ -147,7 +155,8 @@ def convert_mmeb(root: str | Path, images: str | Path, out: str | Path, datasets
     bench = BenchmarkWriter(out, name="mmeb")
     report = {}
     for name in names:
-        report[name] = convert_dataset(name, read_rows_fields(root / name, EVAL_FIELDS), images, bench, strict, shard_size)
+        report[name] = convert_dataset(name, read_rows_fields(root / name, EVAL_FIELDS), images, bench, strict,
+                                       shard_size, workers)
         if name not in META_TASK_OF:
             report[name]["note"] = "not one of the 36 MMEB datasets: reported under meta-task 'other'"
         print(f"[mmeb] {name}: {report[name]}")
@@ -276,7 +285,8 @@ def convert_all(root: str | Path, out: str | Path, only: list[str] | None = None
                                 f"MMEB-train with their images unzipped): {missing[:8]}")
     reports = {}
     if "eval" in wanted:
-        reports["eval"] = convert_mmeb(root / EVAL_DIR, root / EVAL_IMAGES, out / "mmeb", None, strict, shard_size)
+        reports["eval"] = convert_mmeb(root / EVAL_DIR, root / EVAL_IMAGES, out / "mmeb", None, strict, shard_size,
+                                       workers)
     if "train" in wanted:
         reports["train"] = convert_mmeb_train(root / TRAIN_DIR, root / TRAIN_IMAGES, out / "mmeb_train",
                                               sorted(IND), per_dataset, shard_size, workers)
@@ -304,9 +314,9 @@ def main(argv: list[str] | None = None) -> None:
                             help="comma-separated subset of eval,train,vqa")
     everything.add_argument("--strict", action="store_true", help="stop at the first unreadable image or bad row")
     everything.add_argument("--shard-size", type=int, default=1000)
-    for sub in (train, everything):
+    for sub in (evaluation, train, everything):
         sub.add_argument("--workers", type=int, default=None,
-                         help="processes for the training sets (default: the cores); the same bytes whatever the number")
+                         help="processes that read the images (default: the cores); the same bytes whatever the number")
     for sub in (evaluation, train):
         sub.add_argument("--root", required=True, help="folder with one sub-folder of parquet/JSON per dataset")
         sub.add_argument("--images", required=True, help="folder the image paths of the rows are relative to")
@@ -321,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.mode == "all":
             convert_all(args.root, args.out, args.only, args.per_dataset, args.strict, args.shard_size, args.workers)
         elif args.mode == "eval":
-            convert_mmeb(args.root, args.images, args.out, args.datasets, args.strict, args.shard_size)
+            convert_mmeb(args.root, args.images, args.out, args.datasets, args.strict, args.shard_size, args.workers)
         else:
             convert_mmeb_train(args.root, args.images, args.out, args.datasets, args.per_dataset, args.shard_size,
                                args.workers)

@@ -326,3 +326,29 @@ def write_shard_set(
     os.replace(partial, out)
     read_index(out)  # every listed shard exists
     return ShardSetResult(out, len(shards), index["total"], [results[i][1] for i in sorted(results)], resumed)
+
+
+def parallel_map(fn: Callable[[Any], Any], items: list[Any], workers: int | None = None, chunk: int = 256,
+                 label: str = "items") -> list[Any]:
+    """``[fn(x) for x in items]`` in ``workers`` processes (default: the cores; 1 = this process), in order,
+    with a progress bar. ``fn`` must be a module-level function or a partial of one (sent by name)."""
+    workers = max(1, workers or default_workers())
+    if workers == 1 or len(items) <= chunk:
+        return [fn(x) for x in items]
+    pool = _pool(workers)
+    try:
+        pool.submit(_noop).result()  # fork before the progress bar's thread exists
+        with _progress(label, len(items)) as progress:
+            task = progress.add_task(label, total=len(items))
+            out: list[Any] = []
+            for result in pool.map(_map_chunk, [(fn, items[i:i + chunk]) for i in range(0, len(items), chunk)]):
+                out += result
+                progress.advance(task, len(result))
+        return out
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _map_chunk(job: tuple[Callable[[Any], Any], list[Any]]) -> list[Any]:
+    fn, items = job
+    return [fn(x) for x in items]
