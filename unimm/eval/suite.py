@@ -81,6 +81,46 @@ def plan_suite(suite: DictConfig, modalities: set[str]) -> list[dict[str, Any]]:
     return plan
 
 
+def probe_joint_sides(module, datamodule, benchmark: str, evaluations: list[str]) -> dict[str, str]:
+    """Evaluations whose image+text sides the model refuses, with its message (e.g. VLMo, a dual encoder, embeds
+    text or image, not both). Each distinct (shard set, side) with a joint modality is tried once on its first two
+    records, read directly from the first shard: the same records, hence the same answer, on every rank."""
+    import torch
+
+    from unimm.data.benchmark import load_benchmark
+    from unimm.data.records import decode_sample
+    from unimm.data.shards import iter_raw_samples, read_index
+    from unimm.utils.batches import to_device
+
+    bench = load_benchmark(benchmark)
+    refused: dict[str, str] = {}
+    tried: dict[tuple[str, str], str | None] = {}
+    for spec in bench.evaluations:
+        if spec.name not in evaluations:
+            continue
+        for shard_set, side, modality in ((spec.queries, "query", spec.query_modality),
+                                          (spec.pool_path, "cand", spec.cand_modality)):
+            if "," not in modality:
+                continue
+            if (shard_set, side) not in tried:
+                records = []
+                for raw in iter_raw_samples(read_index(shard_set).shards[0].path):
+                    records.append(decode_sample(raw))
+                    if len(records) == 2:
+                        break
+                batch = datamodule._collate((side,))(records)
+                encode = module.encode_query if side == "query" else module.encode_candidate
+                try:
+                    with torch.no_grad():
+                        encode(to_device(batch[side], module.device))
+                    tried[(shard_set, side)] = None
+                except ValueError as err:  # the model states what it cannot embed
+                    tried[(shard_set, side)] = f"{spec.name} ({modality} {side}s: {err})"
+            if tried[(shard_set, side)]:
+                refused[spec.name] = tried[(shard_set, side)]
+    return refused
+
+
 def run_suite(cfg: DictConfig, run, module, datamodule, out_dir: Path, logger=None) -> dict[str, float]:
     """Evaluate ``module`` on every fitting benchmark of ``cfg.suite``; returns all metrics (prefixed by entry).
 
@@ -101,13 +141,30 @@ def run_suite(cfg: DictConfig, run, module, datamodule, out_dir: Path, logger=No
             continue
         eval_cfg = OmegaConf.to_container(item["eval"], resolve=True)
         if item["evaluations"] is not None:
+            refused = probe_joint_sides(module, datamodule, eval_cfg["benchmark"], item["evaluations"])
+            item["evaluations"] = [e for e in item["evaluations"] if e not in refused]
+            if refused:
+                item["note"] = "; ".join(filter(None, [item["note"], "skipped (the model refuses joint sides): "
+                                                       + ", ".join(refused.values())]))
+                line["note"] = item["note"]
+            if not item["evaluations"]:
+                line["skipped"] = f"no evaluation fits the model: {item['note']}"
+                print(f"[suite {suite.name}] skip {item['name']}: {line['skipped']}")
+                summary["benchmarks"].append(line)
+                continue
             eval_cfg["evaluations"] = item["evaluations"]
         if item["note"]:
             print(f"[suite {suite.name}] {item['name']}: {item['note']}")
         evaluator = instantiate(eval_cfg)
         bench_dir = out_dir / item["name"]
         started = time.perf_counter()
-        results = evaluator.run(module, datamodule, bench_dir, logger=logger, tag=f"step{run.step}")
+        try:
+            results = evaluator.run(module, datamodule, bench_dir, logger=logger, tag=f"step{run.step}")
+        except Exception as err:  # the other benchmarks still run; the suite fails at the end, naming this one
+            line["failed"] = f"{type(err).__name__}: {err}"
+            print(f"[suite {suite.name}] {item['name']} failed: {line['failed']}")
+            summary["benchmarks"].append(line)
+            continue
         wall = time.perf_counter() - started
         record_results(results, evaluator, bench_dir, cfg=cfg, train_cfg=run.config, module=module,
                        ckpt_path=cfg.ckpt_path, step=run.step, wall_time_s=wall, suite=str(suite.name))
@@ -116,7 +173,10 @@ def run_suite(cfg: DictConfig, run, module, datamodule, out_dir: Path, logger=No
         summary["benchmarks"].append(line)
     if is_rank_zero():
         write_record(out_dir, summary, name="suite.json")
-        ran = [b["name"] for b in summary["benchmarks"] if not b["skipped"]]
+        ran = [b["name"] for b in summary["benchmarks"] if not b["skipped"] and not b.get("failed")]
         print(f"[suite {suite.name}] evaluated {len(ran)} of {len(plan)} benchmarks: {ran}; details in {out_dir / 'suite.json'}")
+    failed = {b["name"]: b["failed"] for b in summary["benchmarks"] if b.get("failed")}
+    if failed:
+        raise RuntimeError(f"suite {suite.name}: {len(failed)} benchmark(s) failed (the others are recorded): {failed}")
     return metrics
 
