@@ -334,9 +334,10 @@ class ShardStream(IterableDataset):
         Decoding comes after the shuffle buffer, as in webdataset: the buffer holds encoded bytes (a fraction
         of the decoded pixels) and a worker's first batch waits for one decode per record, not a full buffer.
         """
+        hint = getattr(self.collate, "decode_hint", None)  # only the images the collator uses (records.DecodeHint)
         for raw, shard in raws:
             try:
-                record = decode_sample(raw, shard=shard)
+                record = decode_sample(raw, shard=shard, hint=hint)
                 missing = [s for s in self.required_sides if s not in record.sides]
                 if missing:
                     raise CorruptSample("missing_side", f"{record.key} in {shard} lacks {missing}")
