@@ -34,6 +34,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     """Serves files from the server's folder; logs every GET; can drop or stall chosen files (see _HttpServer)."""
 
     protocol_version = "HTTP/1.1"  # keep-alive, as real servers
+    disable_nagle_algorithm = True  # TCP_NODELAY, as real servers (else small responses wait for delayed ACKs)
 
     def log_message(self, *args):  # quiet
         pass

@@ -295,20 +295,28 @@ class _BufferBlocks:
 
 class _StreamBlocks:
     """A shard arriving as a stream: the parser only moves forward, so ``take`` reads up to ``pos`` (the
-    padding after a member) and then ``n`` bytes; nothing is held beyond the member being parsed."""
+    padding after a member) and then ``n`` bytes. The stream is read in chunks of up to ``CHUNK`` bytes (what
+    has arrived, for HTTP): a read of fsspec's HTTP file is a round trip to its event-loop thread, too slow to
+    make per tar header (measured: 3x slower than the chunked reads on small samples)."""
+
+    CHUNK = 256 * 1024
 
     def __init__(self, stream: RetryingStream):
         self.stream = stream
-        self.reached = 0  # bytes read so far: the file's length once a read came back short
+        self.reached = 0  # bytes handed to the parser: the file's length once a read came back short
+        self._chunk, self._at = b"", 0
 
     def _read(self, n: int) -> bytes:
         parts, left = [], n
         while left > 0:
-            chunk = self.stream.read(left)
-            if not chunk:
-                break
-            parts.append(chunk)
-            left -= len(chunk)
+            if self._at >= len(self._chunk):
+                self._chunk, self._at = self.stream.read(max(self.CHUNK, left)), 0
+                if not self._chunk:
+                    break
+            part = self._chunk[self._at : self._at + left]
+            self._at += len(part)
+            parts.append(part)
+            left -= len(part)
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         self.reached += len(data)
         return data
