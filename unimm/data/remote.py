@@ -2,11 +2,14 @@
 
 A remote shard set has the local layout under a URL prefix: ``<url>/index.json`` and ``<url>/<shard name>``.
 Files are opened through fsspec (``s3fs`` for ``s3://``, ``gcsfs`` for ``gs://``, aiohttp for HTTP) or, for
-``pipe:<command>``, through webdataset's ``gopen`` (the command's output is the file; the name is appended to
-the command, so its last argument is the folder: ``pipe:aws s3 cp s3://bucket/train`` opens
-``pipe:aws s3 cp s3://bucket/train/shard-000000.tar`` — add ``-`` handling in a wrapper script if the tool needs
-it). No client is written here: this module only adds the bounded retries and the resume-at-offset that a
-streaming reader of a long file needs.
+``pipe:<command>``, through webdataset's ``gopen`` (the command's standard output is the file; the name is
+appended to the command, so its last argument is the folder: ``pipe:curl -sf https://host/train`` opens
+``pipe:curl -sf https://host/train/shard-000000.tar``; a tool that needs arguments after the path goes in a
+small wrapper script). No client is written here: this module only adds the bounded retries and the
+resume-at-offset that a streaming reader of a long file needs.
+
+Exact resume holds as for local sets as long as every shard reads the same in both runs: a shard lost in one
+run (retries spent) and read in the other changes what the workers deliver.
 
 Shards are streamed: :class:`RetryingStream` reads sequentially (HTTP: one GET per shard; S3/GCS: ranged reads
 of ``block_size`` bytes), so the first sample arrives after one block, not after the whole shard. A transient
