@@ -13,6 +13,21 @@ from tests.conftest import REPO, run_cli, single_run_dir
 from unimm.eval.suite import model_modalities, plan_suite
 from unimm.leaderboard.gather import build_board
 
+# A smaller toy set than the default (300 training records, 120 pool images, 40 queries per task): the tests are
+# about the suite, the records and the probe's inputs, not the scores. Both CLI calls pass the same sizes, so
+# their prepare step (ensure_toy) finds the set built and keeps it.
+SMALL = {"n_train_per_task": 100, "n_eval_queries": 40, "n_pool_images": 120}
+SMALL_OVERRIDES = [f"+data.prepare.{k}={v}" for k, v in SMALL.items()]
+
+
+@pytest.fixture(scope="module")
+def small_toy(tmp_path_factory):
+    from unimm.data.toy import ensure_toy
+
+    data_dir = tmp_path_factory.mktemp("small_data")
+    ensure_toy(data_dir / "toy", seed=0, **SMALL)
+    return data_dir
+
 
 def suite_cfg(name: str, data_dir):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -33,8 +48,8 @@ def test_suites_compose_with_their_benchmarks(name, tmp_path):
         assert suite.benchmarks.f30k.eval.benchmark.endswith("vlmo/f30k_test")
 
 
-def test_plan_skips_what_does_not_fit_with_the_reason(toy_data_dir, tmp_path):
-    toy = suite_cfg("toy", toy_data_dir)
+def test_plan_skips_what_does_not_fit_with_the_reason(small_toy, tmp_path):
+    toy = suite_cfg("toy", small_toy)
     both = {p["name"]: p for p in plan_suite(toy, {"text", "image"})}
     assert all(p["skip"] is None for p in both.values())
     assert both["toy"]["evaluations"] == ["toy_t2i", "toy_i2t", "toy_it2i"]
@@ -58,21 +73,20 @@ def test_model_modalities_from_the_processor():
 
 
 @pytest.fixture(scope="module")
-def trained_ckpt(toy_data_dir, tmp_path_factory):
+def trained_ckpt(small_toy, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("logs")
-    run_cli("unimm.train", "+experiment=uniir_clip_sf_tiny", f"paths.data_dir={toy_data_dir}", f"paths.log_dir={log_dir}",
+    run_cli("unimm.train", "+experiment=uniir_clip_sf_tiny", f"paths.data_dir={small_toy}", f"paths.log_dir={log_dir}",
             "trainer.max_epochs=1", "+trainer.limit_train_batches=1", "logger=csv", "eval=none", "data.num_workers=0",
-            cwd=log_dir)
+            *SMALL_OVERRIDES, cwd=log_dir)
     return single_run_dir(log_dir, "uniir_clip_sf_tiny") / "checkpoints" / "last.ckpt", log_dir
 
 
-def test_toy_suite_through_the_eval_cli(trained_ckpt, toy_data_dir):
+def test_toy_suite_through_the_eval_cli(trained_ckpt, small_toy):
+    """The one real ``python -m unimm.eval ... suite=toy`` call: four benchmarks, four records, one leaderboard row."""
     ckpt, log_dir = trained_ckpt
-    proc = run_cli("unimm.eval", f"ckpt_path={ckpt}", "suite=toy", f"paths.data_dir={toy_data_dir}",
-                   f"paths.log_dir={log_dir}", "logger=csv", "data.num_workers=0",
-                   # fewer probe / k-NN training images (the pos side only): the test is about the suite, not the probe
-                   "suite.benchmarks.toy_linear_probe.eval.train.sides=[pos]", "suite.benchmarks.toy_knn.eval.train.sides=[pos]",
-                   cwd=log_dir)
+    proc = run_cli("unimm.eval", f"ckpt_path={ckpt}", "suite=toy", f"paths.data_dir={small_toy}",
+                   f"paths.log_dir={log_dir}", "logger=csv", "data.num_workers=0", *SMALL_OVERRIDES,
+                   "suite.benchmarks.toy_linear_probe.eval.max_iter=100", cwd=log_dir)
     run = single_run_dir(log_dir, "eval", kind="evals")
     summary = json.loads((run / "suite.json").read_text())
     assert [b["name"] for b in summary["benchmarks"]] == ["toy", "toy_linear_probe", "toy_knn", "toy_image_retrieval"]
@@ -80,6 +94,7 @@ def test_toy_suite_through_the_eval_cli(trained_ckpt, toy_data_dir):
     assert summary["modalities"] == ["image", "text"]
     expected = {"toy": ("toy", "average"), "toy_linear_probe": ("toy_digits/linear_probe", "linear_probe/top1"),
                 "toy_knn": ("toy_digits/knn", "knn/top1@10"), "toy_image_retrieval": ("toy_digits/retrieval", "retrieval/recall@1")}
+    hashes = set()
     for entry, (benchmark, metric) in expected.items():
         rec = json.loads((run / entry / "results.json").read_text())
         metrics = json.loads((run / entry / "metrics.json").read_text())
@@ -88,7 +103,47 @@ def test_toy_suite_through_the_eval_cli(trained_ckpt, toy_data_dir):
         assert rec["checkpoint"] == str(ckpt.resolve()) and len(rec["checkpoint_sha256"]) == 64
         assert rec["headline_metric"] == metric
         assert rec["headline_value"] == metrics[f"val/{benchmark.split('/')[0]}/{metric}"]
+        # the evaluator's settings as configured (conf/eval/*.yaml + this command's overrides), paths reduced
+        assert rec["eval_settings"]["_target_"].startswith("unimm.eval.") and len(rec["eval_settings_hash"]) == 8
+        hashes.add(rec["eval_settings_hash"])
+    probe = json.loads((run / "toy_linear_probe" / "results.json").read_text())["eval_settings"]
+    assert (probe["c"], probe["max_iter"], probe["train"]) == (0.601, 100, {"path": "train", "sides": ["pos", "query"]})
+    assert len(hashes) == 4
     assert "evaluated 4 of 4 benchmarks" in proc.stdout
     # the leaderboard puts the four benchmarks of this checkpoint on one row
     board = build_board([run], reported=False)
     assert [r.kind for r in board.rows] == ["measured"] and len(board.rows[0].cells) == 4
+
+
+def test_probe_embeds_vlmo_images_alone(small_toy, tmp_path):
+    """VLMo's collator builds training pairs when asked for query+pos together (no `pos` side: KeyError before);
+    the probe asks one side at a time and embeds, per record, the first side holding an image alone. Checked
+    against the records read directly from the shards: every toy training record, its own digit label."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from unimm.data.records import decode_sample
+    from unimm.data.shards import iter_raw_samples, read_index
+    from unimm.eval.probe import LinearProbeEvaluator, embed_labelled
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["+experiment=vlmo_tiny", f"paths.data_dir={small_toy}",
+                                          f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}",
+                                          "data.num_workers=0"])
+    datamodule = instantiate(cfg.data)
+    datamodule.attach_processor(instantiate(cfg.processor))
+    model = instantiate(cfg.model).eval()
+    train = {"path": str(small_toy / "toy" / "train"), "sides": ["pos", "query"]}
+    digits = {}
+    for shard in read_index(train["path"]).shards:
+        for raw in iter_raw_samples(shard.path):
+            rec = decode_sample(raw)
+            side = next(s for s in train["sides"] if rec.sides[s].image is not None and rec.sides[s].text is None)
+            assert side  # every toy training record has an image alone on pos (t2i, it2i) or query (i2t)
+            digits[rec.key] = int(rec.meta["digit"])
+    feats, labels, keys = embed_labelled(model, datamodule, train, "digit", with_keys=True)
+    assert sorted(keys) == sorted(digits) and feats.shape == (len(digits), feats.shape[1])
+    assert labels.tolist() == [digits[k] for k in keys]
+    test = {"path": str(small_toy / "toy" / "eval" / "pools" / "toy_images"), "sides": ["cand"]}
+    metrics = LinearProbeEvaluator("toy_digits", train, test, max_iter=20).run(model, datamodule, tmp_path / "probe")
+    assert 0.0 <= metrics["val/toy_digits/linear_probe/top1"] <= 100.0

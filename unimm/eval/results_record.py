@@ -12,8 +12,13 @@ top (one column per field) with one list of per-evaluation rows::
      "results": [{"evaluation": "toy_t2i", "task": "t2i", "dataset": "toy", "metric": "hit@5", "value": 38.0,
                   "n_queries": 100, "reported": true}, ...],
      "unimm_version": "0.1.0", "git_commit": "...", "git_dirty": false, "date": "2026-12-02T03:00:00+00:00",
-     "config_hash": "...", "wall_time_s": 12.3, "hardware": "2 x CPU (...)", "hostname": "...",
+     "config_hash": "...", "eval_settings": {...}, "eval_settings_hash": "1a2b3c4d", "wall_time_s": 12.3, "hardware": "2 x CPU (...)", "hostname": "...",
      "run_dir": "/abs/run", "per_query": "per_query/manifest.json" | null, "task_name": "train" | "eval"}
+
+``eval_settings`` is the evaluator's resolved config (absolute paths reduced to their last component, so the same
+settings on two machines hash alike) and ``eval_settings_hash`` its short sha256: two evaluations of one model on
+one benchmark with different settings (e.g. MLCD's swept-C linear probe and the suite's fixed-C one) are different
+leaderboard cells, never one replacing the other.
 
 Writing is atomic and needs no shared writer: each record goes to its own folder through a temporary file with a
 unique name (host, pid, random) and ``os.replace``; readers see the old file or the new one, never a partial one,
@@ -106,6 +111,45 @@ def config_hash(cfg: Any) -> str | None:
         data = dict(cfg)
     data = {k: v for k, v in data.items() if k not in CONFIG_HASH_SKIPS}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+SETTINGS_HASH_CHARS = 8
+# Evaluator arguments that change no number (what is shown or written, where caches live, how long to wait):
+# left out of eval_settings so that e.g. a training run's evaluation and the suite's share a cell.
+SETTINGS_SKIPS = ("grid_queries", "grid_k", "per_query_top_k", "cache_wait_s", "cache_dir", "prefix")
+
+
+def eval_settings(eval_cfg: Any) -> dict[str, Any] | None:
+    """The evaluator's resolved config as plain data, absolute paths reduced to their last component (the data
+    folder differs between machines; the benchmark and its name are recorded separately)."""
+    if eval_cfg is None:
+        return None
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(eval_cfg, DictConfig | ListConfig):
+        try:
+            eval_cfg = OmegaConf.to_container(eval_cfg, resolve=True)
+        except Exception:  # an interpolation that only Hydra can resolve
+            eval_cfg = OmegaConf.to_container(eval_cfg, resolve=False)
+
+    def clean(node):
+        if isinstance(node, Mapping):
+            return {str(k): clean(v) for k, v in node.items() if k not in SETTINGS_SKIPS}
+        if isinstance(node, list | tuple):
+            return [clean(v) for v in node]
+        if isinstance(node, str) and os.path.isabs(node):
+            return Path(node).name
+        return node
+
+    return clean(eval_cfg)
+
+
+def settings_hash(settings: Mapping[str, Any] | None) -> str | None:
+    """Short sha256 (:data:`SETTINGS_HASH_CHARS` hex digits) of :func:`eval_settings` as sorted JSON."""
+    if settings is None:
+        return None
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:SETTINGS_HASH_CHARS]
 
 
 def released_origin(model_cfg: Any) -> str | None:
@@ -249,6 +293,7 @@ def build_record(
     wall_time_s: float | None = None,
     suite: str | None = None,
     fingerprint: tuple[str, str] | None = None,
+    eval_cfg: Any = None,
 ) -> dict[str, Any]:
     """The results record of one evaluation run (see the module docstring for the fields).
 
@@ -258,6 +303,7 @@ def build_record(
             ``unimm.eval``; the same as ``cfg`` for ``unimm.train``): gives the experiment and the model origin.
         module: the evaluated LightningModule (family and weights fingerprint).
         fingerprint: ``(fingerprint, how)`` already computed (see :func:`record_results`).
+        eval_cfg: the evaluator's config (its ``_target_`` and arguments); default ``cfg.eval``.
     """
     from unimm import __version__
 
@@ -277,6 +323,7 @@ def build_record(
     ckpt = Path(ckpt_path).resolve() if ckpt_path else None
     experiment = _get(train_cfg, "task_name")
     output_dir = Path(output_dir).resolve()
+    settings = eval_settings(eval_cfg if eval_cfg is not None else _get(cfg, "eval"))
     manifest = output_dir / "per_query" / "manifest.json"
     return {
         "schema": SCHEMA,
@@ -303,6 +350,8 @@ def build_record(
         "git_dirty": dirty,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config_hash": config_hash(cfg),
+        "eval_settings": settings,
+        "eval_settings_hash": settings_hash(settings),
         "wall_time_s": wall_time_s,
         "hardware": hw["summary"],
         "hardware_detail": hw,

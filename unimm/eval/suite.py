@@ -140,6 +140,8 @@ def run_suite(cfg: DictConfig, run, module, datamodule, out_dir: Path, logger=No
             summary["benchmarks"].append(line)
             continue
         eval_cfg = OmegaConf.to_container(item["eval"], resolve=True)
+        # the settings as configured: the modality filter below is in the results rows and in suite.json
+        configured = OmegaConf.to_container(item["eval"], resolve=True)
         if item["evaluations"] is not None:
             refused = probe_joint_sides(module, datamodule, eval_cfg["benchmark"], item["evaluations"])
             item["evaluations"] = [e for e in item["evaluations"] if e not in refused]
@@ -167,7 +169,8 @@ def run_suite(cfg: DictConfig, run, module, datamodule, out_dir: Path, logger=No
             continue
         wall = time.perf_counter() - started
         record_results(results, evaluator, bench_dir, cfg=cfg, train_cfg=run.config, module=module,
-                       ckpt_path=cfg.ckpt_path, step=run.step, wall_time_s=wall, suite=str(suite.name))
+                       ckpt_path=cfg.ckpt_path, step=run.step, wall_time_s=wall, suite=str(suite.name),
+                       eval_cfg=configured)
         metrics.update(results)
         line.update({"wall_time_s": round(wall, 2), "metrics": len(results)})
         summary["benchmarks"].append(line)

@@ -2,7 +2,10 @@
 
 No server and no database file: each build lists the record files and runs one query over them. A *run* (a row of
 the leaderboard) is one set of weights: the checkpoint's sha256, else its weights fingerprint, else its run folder;
-an evaluation of the same weights on the same benchmark and pool repeated later replaces the earlier one.
+an evaluation of the same weights on the same benchmark, pool and evaluation settings (the record's
+``eval_settings_hash``) repeated later replaces the earlier one. Evaluations with other settings are other cells:
+when a column's measured values come from more than one setting, the column splits into one per setting, its label
+tagged with the hash and the settings that differ (the full settings in the page's tooltip and the CSV header).
 """
 
 from __future__ import annotations
@@ -27,26 +30,35 @@ COLUMNS = {
     "suite": "VARCHAR", "headline_metric": "VARCHAR", "headline_value": "DOUBLE",
     "results": "JSON",  # parsed in Python, only for the records kept
     "unimm_version": "VARCHAR", "git_commit": "VARCHAR", "date": "VARCHAR", "config_hash": "VARCHAR",
+    "eval_settings_hash": "VARCHAR", "eval_settings": "JSON",
     "wall_time_s": "DOUBLE", "hardware": "VARCHAR", "run_dir": "VARCHAR", "per_query": "VARCHAR",
 }
 
 
 @dataclass(frozen=True)
 class Column:
-    """One leaderboard column: a benchmark, its pool and the metric shown (a headline or ``evaluation/metric``)."""
+    """One leaderboard column: a benchmark, its pool and the metric shown (a headline or ``evaluation/metric``),
+    and the evaluation settings hash when the measured values of that benchmark / pool / metric come from more
+    than one setting (``""`` otherwise, and for reported numbers). ``tag``: the settings that differ between
+    those variants, readable; ``settings``: the full settings (JSON text) for the tooltip."""
 
     benchmark: str
     pool: str
     metric: str
+    settings_hash: str = ""
+    tag: str = field(default="", compare=False)
+    settings: str = field(default="", compare=False)
 
     @property
     def key(self) -> str:
-        return f"{self.benchmark}|{self.pool}|{self.metric}"
+        base = f"{self.benchmark}|{self.pool}|{self.metric}"
+        return f"{base}|{self.settings_hash}" if self.settings_hash else base
 
     @property
     def label(self) -> str:
         pool = "" if self.pool == "local" else f" ({self.pool})"
-        return f"{self.benchmark}{pool}: {self.metric}"
+        tag = f" [{self.settings_hash}{': ' + self.tag if self.tag else ''}]" if self.settings_hash else ""
+        return f"{self.benchmark}{pool}: {self.metric}{tag}"
 
 
 @dataclass
@@ -104,7 +116,7 @@ def load_reported(path: str | os.PathLike = REPORTED_FILE) -> dict[str, Any]:
 
 
 def query_records(files: list[str]) -> list[dict[str, Any]]:
-    """The latest record per (weights, benchmark, pool), as dicts (``results`` a list of dicts).
+    """The latest record per (weights, benchmark, pool, evaluation settings), as dicts (``results`` a list of dicts).
 
     DuckDB reads the files as text and parses them with ``json_transform`` (its ``read_json`` spends ~25 ms per
     small file on format and schema detection: 25 s for 1,000 records against ~1 s this way)."""
@@ -121,7 +133,8 @@ def query_records(files: list[str]) -> list[dict[str, Any]]:
     """)
     cur = con.execute("""
         SELECT * FROM records
-        QUALIFY row_number() OVER (PARTITION BY model_key, benchmark, pool ORDER BY date DESC, filename) = 1
+        QUALIFY row_number() OVER (PARTITION BY model_key, benchmark, pool, coalesce(eval_settings_hash, '')
+                                   ORDER BY date DESC, filename) = 1
         ORDER BY model_family, experiment, model_key, benchmark, pool
     """)
     names = [d[0] for d in cur.description]
@@ -129,7 +142,30 @@ def query_records(files: list[str]) -> list[dict[str, Any]]:
     for values in cur.fetchall():
         rec = dict(zip(names, values))
         rec["results"] = json.loads(rec["results"]) if rec["results"] else []
+        rec["eval_settings"] = json.loads(rec["eval_settings"]) if rec["eval_settings"] else None
         out.append(rec)
+    return out
+
+
+def settings_variants(records: list[dict[str, Any]], aliases: dict[str, str]) -> dict[tuple, Column]:
+    """``(benchmark, pool, metric, settings hash) -> Column`` for the headline columns whose measured values come
+    from more than one evaluation setting (a record without a hash counts as one setting, ``""``)."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    for rec in records:
+        if rec["headline_metric"] is None:
+            continue
+        group = (aliases.get(rec["benchmark"], rec["benchmark"]), rec["pool"] or "local", rec["headline_metric"])
+        groups.setdefault(group, {})[rec["eval_settings_hash"] or ""] = rec["eval_settings"] or {}
+    out: dict[tuple, Column] = {}
+    for group, variants in groups.items():
+        if len(variants) < 2:
+            continue
+        keys = sorted({k for v in variants.values() for k in v})
+        differ = [k for k in keys if len({json.dumps(v.get(k), sort_keys=True, default=str) for v in variants.values()}) > 1]
+        for h, settings in variants.items():
+            tag = ", ".join(f"{k}={json.dumps(settings.get(k), default=str)}" for k in differ)
+            out[(*group, h)] = Column(*group, settings_hash=h or "unrecorded", tag=tag[:80],
+                                      settings=json.dumps(settings, sort_keys=True, default=str))
     return out
 
 
@@ -141,8 +177,10 @@ def build_board(roots: list[str | os.PathLike], reported: bool = True,
     aliases = meta.get("aliases", {}) or {}
     rows: dict[str, Row] = {}
     columns: dict[str, Column] = {}
+    records = query_records(files) if files else []
+    split = settings_variants(records, aliases)
     if files:
-        for rec in query_records(files):
+        for rec in records:
             bench = aliases.get(rec["benchmark"], rec["benchmark"])
             pool = rec["pool"] or "local"
             key = rec["model_key"]
@@ -159,10 +197,12 @@ def build_board(roots: list[str | os.PathLike], reported: bool = True,
             if page.is_file():
                 row.info["browser"].append(str(page))
             if rec["headline_metric"] is not None and rec["headline_value"] is not None:
-                col = Column(bench, pool, rec["headline_metric"])
+                col = split.get((bench, pool, rec["headline_metric"], rec["eval_settings_hash"] or ""),
+                                Column(bench, pool, rec["headline_metric"]))
                 columns.setdefault(col.key, col)
                 row.cells[col.key] = float(rec["headline_value"])
-            row.info.setdefault("results", {})[(bench, pool)] = list(rec["results"]) if rec["results"] is not None else []
+            if (bench, pool, rec["headline_metric"]) not in {k[:3] for k in split}:  # other settings: own column only
+                row.info.setdefault("results", {})[(bench, pool)] = list(rec["results"]) if rec["results"] is not None else []
     reported_rows = []
     if reported:
         for entry in meta.get("reported", []):

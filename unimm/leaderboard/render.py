@@ -76,7 +76,8 @@ def board_json(board: Board, out_dir: Path) -> dict:
             return path
 
     return {
-        "columns": [{"key": c.key, "label": c.label, "benchmark": c.benchmark, "pool": c.pool, "metric": c.metric}
+        "columns": [{"key": c.key, "label": c.label, "benchmark": c.benchmark, "pool": c.pool, "metric": c.metric,
+                     "settings_hash": c.settings_hash, "settings": c.settings}
                     for c in board.columns],
         "rows": [{"name": r.name, "family": r.family, "family_label": _family(board, r), "kind": r.kind,
                   "cells": r.cells, "sources": r.info.get("sources", []), "checkpoint": r.info.get("checkpoint"),

@@ -38,7 +38,7 @@
     var cols = visibleColumns();
     var thead = document.querySelector("#board thead"), tbody = document.querySelector("#board tbody");
     var head = "<tr><th data-key=\"name\">model</th><th data-key=\"family\">family</th>";
-    cols.forEach(function (c) { head += "<th data-key=\"" + c.key + "\" title=\"" + c.key + "\">" + esc(c.label) + "</th>"; });
+    cols.forEach(function (c) { head += "<th data-key=\"" + c.key + "\" title=\"" + esc(c.settings ? "evaluation settings " + c.settings_hash + ": " + c.settings : c.key) + "\">" + esc(c.label) + "</th>"; });
     thead.innerHTML = head + "</tr>";
     Array.prototype.forEach.call(thead.querySelectorAll("th"), function (th) {
       if (th.dataset.key === state.sort) th.className = state.dir > 0 ? "sorted-asc" : "sorted-desc";
