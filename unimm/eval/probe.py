@@ -10,7 +10,7 @@
   k nearest neighbours has its label.
 
 Each set is ``{"path": shard_set, "sides": [...]}``: the image of a record is taken from the first side that
-has one, and its label from ``meta[label_key]`` (the toy dataset's ``digit``). Every evaluator has the
+has one (an image alone: :func:`image_batches`), and its label from ``meta[label_key]`` (the toy dataset's ``digit``). Every evaluator has the
 ``run(module, datamodule, output_dir, logger=None, tag="") -> dict`` of the shared retrieval evaluator, embeds
 with ``module.encode_candidate`` and returns the same metrics on every rank.
 """
@@ -47,6 +47,42 @@ def _gather_keys(keys: list[str]) -> list[str]:
     return [k for part in parts for k in part]
 
 
+def image_batches(datamodule, path: str, sides: Sequence[str]):
+    """Yield ``(keys, metas, side)`` per batch: one image per record, ``side`` in the layout of
+    :class:`~unimm.data.collate.RetrievalCollator` (``size``, ``pixel_values [n, 3, H, W]``, ``image_rows``).
+
+    A collator that encodes each side under its name (RetrievalCollator and its subclasses) is asked for one side
+    at a time, and a record is taken from the first of ``sides`` whose item is an image alone: a probe of image
+    features must not embed an i2t record's caption or an it2i query's image+text; and asked for several sides,
+    a subclass may build another layout (VLMoCollator makes training pairs when asked for its pair sides). The
+    passes split the records over ranks alike, so a rank's record is the same rank's in every pass. Any other
+    collator (ClusterLabelCollator: it picks the image itself, under ``image``) is asked for all ``sides`` at once.
+    """
+    from unimm.data.collate import RetrievalCollator
+
+    if not isinstance(datamodule._collate(sides), RetrievalCollator):
+        for batch in datamodule.eval_loader(path, sides=sides):
+            if batch["keys"]:
+                yield batch["keys"], batch["meta"], batch["image"] if "image" in batch else batch[sides[0]]
+        return
+    taken: set[str] = set()
+    for name in sides:
+        for batch in datamodule.eval_loader(path, sides=(name,)):
+            part = batch.get(name)
+            if not batch["keys"] or part is None or "pixel_values" not in part:
+                continue
+            with_text = set(part["text_rows"].tolist())
+            picks = [(j, i) for j, i in enumerate(part["image_rows"].tolist())
+                     if i not in with_text and batch["keys"][i] not in taken]
+            if not picks:
+                continue
+            rows = [i for _, i in picks]
+            taken.update(batch["keys"][i] for i in rows)
+            yield ([batch["keys"][i] for i in rows], [batch["meta"][i] for i in rows],
+                   {"size": len(rows), "pixel_values": part["pixel_values"][[j for j, _ in picks]],
+                    "image_rows": torch.arange(len(rows)), "text_rows": torch.zeros(0, dtype=torch.long)})
+
+
 @torch.no_grad()
 def embed_labelled(module, datamodule, shard_set: Mapping[str, Any], label_key: str, with_key_hash: bool = False,
                    with_keys: bool = False) -> tuple:
@@ -55,16 +91,12 @@ def embed_labelled(module, datamodule, shard_set: Mapping[str, Any], label_key: 
     the record keys (a list of N str, last)."""
     sides = tuple(shard_set.get("sides", ("cand",)))
     feats, labels, hashes, keys = [], [], [], []
-    for batch in datamodule.eval_loader(shard_set["path"], sides=sides):
-        if not batch["keys"]:
-            continue
-        keys += batch["keys"]
-        # ClusterLabelCollator puts the chosen image under "image"; RetrievalCollator under the side's name
-        side = batch["image"] if "image" in batch else batch[sides[0]]
+    for batch_keys, metas, side in image_batches(datamodule, shard_set["path"], sides):
+        keys += batch_keys
         side = {k: v.to(module.device) if isinstance(v, torch.Tensor) else v for k, v in side.items()}
         feats.append(module.encode_candidate(side).float())
-        labels.append(torch.tensor([int(m[label_key]) for m in batch["meta"]], device=module.device))
-        hashes.append(torch.tensor([key_hash(k) for k in batch["keys"]], device=module.device))
+        labels.append(torch.tensor([int(m[label_key]) for m in metas], device=module.device))
+        hashes.append(torch.tensor([key_hash(k) for k in batch_keys], device=module.device))
     if not feats:
         raise ValueError(f"no records with an image on sides {list(sides)} in {shard_set['path']}")
     out = [gather_no_grad(torch.cat(t)).cpu() for t in (feats, labels, hashes)]
