@@ -341,8 +341,9 @@ cat "$1"
     counter.write_text("-10")  # now it keeps failing: lost after the retries, at the byte it reached
     with pytest.raises(ShardUnreadable, match=r"shard-000001.tar: unreadable at byte (\d+) after 2 retries") as err:
         list(iter_raw_samples(f"pipe:sh {script} {tmp_path / 'set'}/shard-000001.tar", FAST))
-    # the byte reached: what the parser had taken when the failing read came (a read that met the exit is lost)
-    assert 512 <= int(str(err.value).split("unreadable at byte ")[1].split()[0]) <= 3000
+    # the byte reached: 3000 when the output came before the exit was seen, 0 when the one read that met the
+    # exit (a pipe read waits for a whole chunk or the end) raised instead of returning it
+    assert int(str(err.value).split("unreadable at byte ")[1].split()[0]) in (0, 3000)
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -354,15 +355,18 @@ def test_a_shard_that_stays_unreadable_is_counted_lost_with_its_promised_samples
     batches, stats = _run(url, 0, train=train, remote=RemoteOptions(retries=2, backoff_s=0))
     assert http_server.requests[f"set/{shard}"] >= 3  # the first try and 2 retries (again on a re-read pass)
     delivered = [k for b in batches for k in b["keys"]]
-    # samples 0-3 are delivered: a sample is known whole once a member of the next one is read, and the cut
-    # falls inside sample 5's first header; sample 4, the one being read, is dropped
+    # samples 0-3 are delivered when the client hands over the bytes before the reset (the server waits 0.2 s
+    # first): a sample is known whole once a member of the next one is read, and the cut falls inside sample
+    # 5's first header; sample 4, the one being read, is dropped. On a loaded machine aiohttp may meet the
+    # reset first and raise without handing over what it buffered: then fewer, still a prefix.
     from_shard = [k for k in dict.fromkeys(delivered) if k in keys]
-    assert sorted(from_shard) == keys[:4]
-    assert stats.skipped == {("unreadable_shard", f"{url}/{shard}"): 6}
+    assert sorted(from_shard) == keys[: len(from_shard)] and len(from_shard) <= 4
+    assert stats.skipped == {("unreadable_shard", f"{url}/{shard}"): 10 - len(from_shard)}
     assert stats.delivered - stats.refilled + stats.n_skipped + stats.n_unused == 60
     # each retry re-opens, skips the bytes already parsed and fails again at the same byte
-    with pytest.raises(DataError, match=f"unreadable shard .*{shard}: unreadable at byte {cut} after 1 retries"):
+    with pytest.raises(DataError, match=f"unreadable shard .*{shard}: unreadable at byte .* after 1 retries") as err:
         _run(url, 0, train=train, remote=RemoteOptions(retries=1, backoff_s=0), strict=True)
+    assert int(str(err.value).split("unreadable at byte ")[1].split()[0]) <= cut
 
 
 def test_a_missing_remote_shard_is_lost_at_once_and_a_missing_index_is_named(tmp_path, http_server):
