@@ -9,7 +9,6 @@ import lightning as L
 import torch
 
 from unimm.training.compile import CompileSettings, compile_blocks
-from unimm.training.compile import CompileSettings, compile_blocks
 from unimm.training.optim import weight_decay_groups
 
 
@@ -40,12 +39,6 @@ class EmbeddingModule(L.LightningModule):
         self.on_nonfinite_loss = on_nonfinite_loss
         self.skipped_steps = 0
         self.last_nonfinite: dict[str, Any] | None = None
-
-    def configure_model(self) -> None:
-        """Lightning hook, after the strategy has placed the model: compile the blocks once (idempotent)."""
-        if self.compile_settings.enabled and not getattr(self, "_blocks_compiled", False):
-            compile_blocks(self, self.compile_settings)
-            self._blocks_compiled = True
 
     def configure_model(self) -> None:
         """Lightning hook, after the strategy has placed the model: compile the blocks once (idempotent)."""
