@@ -115,16 +115,25 @@ def test_record_of_a_real_evaluation(toy_data_dir, tmp_path):
     rec2 = json.loads(other.read_text())
     assert rec2["weights_fingerprint"] != rec["weights_fingerprint"]
     assert rec2["config_hash"] == rec["config_hash"]
+    # the evaluator's settings: its config with the data folder reduced to names, and their short hash
+    settings = rec["eval_settings"]
+    assert (settings["_target_"], settings["benchmark"], settings["evaluations"]) == (
+        "unimm.eval.retrieval.RetrievalEvaluator", "eval", ["toy_t2i"])
+    assert "grid_queries" not in settings  # changes no number
+    assert rec["eval_settings_hash"] == hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 
 # -- the leaderboard -----------------------------------------------------------------------------------------
 def record(run_dir: Path, family: str, experiment: str, sha: str, benchmark: str, value: float, pool: str = "local",
-           metric: str = "average", date: str = "2026-12-01T00:00:00+00:00", results=None) -> None:
-    """A record as an evaluation writes it (only the fields the leaderboard reads)."""
+           metric: str = "average", date: str = "2026-12-01T00:00:00+00:00", results=None, settings=None) -> None:
+    """A record as an evaluation writes it (only the fields the leaderboard reads); ``settings``: the evaluator's
+    config (hashed by hand here, as sha256 of its sorted JSON, first 8 hex digits)."""
     write_record(run_dir, {"schema": "unimm.results/1", "model_family": family, "experiment": experiment,
                            "checkpoint_sha256": sha, "step": 100, "benchmark": benchmark, "pool": pool,
                            "headline_metric": metric, "headline_value": value, "results": results or [],
-                           "date": date, "run_dir": str(run_dir), "checkpoint": f"/ckpt/{experiment}.ckpt"})
+                           "date": date, "run_dir": str(run_dir), "checkpoint": f"/ckpt/{experiment}.ckpt",
+                           "eval_settings": settings, "eval_settings_hash": None if settings is None else
+                           hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]})
 
 
 # run -> {column label: value}; the expectations of every test below
@@ -258,6 +267,41 @@ def test_leaderboard_page_sorts_and_filters(board_html, chromium):
     chromium.eval("(() => { const c = document.getElementById('f-reported'); c.checked = false; "
                   "c.dispatchEvent(new Event('change')); })()")
     assert chromium.eval("document.querySelectorAll('#board tbody tr.reported').length") == 0
+
+
+PROBE = "toy_digits/linear_probe: linear_probe/top1"
+
+
+def test_other_evaluation_settings_are_other_cells(tmp_path):
+    """mlcd_tiny's own probe (its C sweep) and the suite's default probe (C = 0.601) on the same weights: two
+    cells, in two columns tagged with the settings hash and what differs; a later run of the same settings still
+    replaces the earlier one; a benchmark measured with one setting keeps its plain column."""
+    swept = {"_target_": "unimm.eval.probe.LinearProbeEvaluator", "c": [10.0, 100.0, 1000.0], "max_iter": 300}
+    fixed = {"_target_": "unimm.eval.probe.LinearProbeEvaluator", "c": 0.601, "max_iter": 1000}
+    tag = {name: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:8]
+           for name, v in (("swept", swept), ("fixed", fixed))}
+    kw = {"metric": "linear_probe/top1"}
+    record(tmp_path / "m/train", "cluster_disc", "mlcd_tiny", "c" * 64, "toy_digits/linear_probe", 40.0, settings=swept, **kw)
+    record(tmp_path / "m/suite_old", "cluster_disc", "mlcd_tiny", "c" * 64, "toy_digits/linear_probe", 1.0,
+           settings=fixed, date="2026-11-01T00:00:00+00:00", **kw)
+    record(tmp_path / "m/suite", "cluster_disc", "mlcd_tiny", "c" * 64, "toy_digits/linear_probe", 20.0, settings=fixed, **kw)
+    record(tmp_path / "m/toy", "cluster_disc", "mlcd_tiny", "c" * 64, "toy_digits/knn", 30.0, metric="knn/top1@10",
+           settings={"ks": [10]})
+    record(tmp_path / "u/suite", "uniir", "uniir_clip_sf_tiny", "a" * 64, "toy_digits/linear_probe", 50.0, settings=fixed, **kw)
+    paths = write_all(build_board([tmp_path], reported=False), tmp_path / "board")
+    rows = _csv_rows(paths["csv"])
+    swept_col = f"{PROBE} [{tag['swept']}: c=[10.0, 100.0, 1000.0], max_iter=300]"
+    fixed_col = f"{PROBE} [{tag['fixed']}: c=0.601, max_iter=1000]"
+    cells = {name.split(" (")[0]: {k: v for k, v in row.items() if k not in ("model", "family", "kind",
+                                                                           "checkpoint_or_source") and v}
+             for name, row in rows.items()}
+    assert cells == {"mlcd_tiny": {swept_col: "40.0000", fixed_col: "20.0000", "toy_digits/knn: knn/top1@10": "30.0000"},
+                     "uniir_clip_sf_tiny": {fixed_col: "50.0000"}}
+    # the page's column tooltip holds the full settings
+    data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>',
+                                paths["html"].read_text(), re.S).group(1))
+    col = next(c for c in data["columns"] if c["label"] == swept_col)
+    assert col["settings_hash"] == tag["swept"] and json.loads(col["settings"]) == swept
 
 
 def test_wandb_table_holds_the_board(results_root, tmp_path, monkeypatch):

@@ -74,11 +74,20 @@ def test_model_modalities_from_the_processor():
 
 @pytest.fixture(scope="module")
 def trained_ckpt(small_toy, tmp_path_factory):
+    """One training step of the tiny UniIR model, in this process (unimm.train's ``train``: the same code as the
+    CLI without a second interpreter start and Lightning import); its last.ckpt feeds the one CLI call below."""
+    from unimm.train import train
+
     log_dir = tmp_path_factory.mktemp("logs")
-    run_cli("unimm.train", "+experiment=uniir_clip_sf_tiny", f"paths.data_dir={small_toy}", f"paths.log_dir={log_dir}",
-            "trainer.max_epochs=1", "+trainer.limit_train_batches=1", "logger=csv", "eval=none", "data.num_workers=0",
-            *SMALL_OVERRIDES, cwd=log_dir)
-    return single_run_dir(log_dir, "uniir_clip_sf_tiny") / "checkpoints" / "last.ckpt", log_dir
+    run_dir = log_dir / "uniir_clip_sf_tiny" / "runs" / "r0"
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["+experiment=uniir_clip_sf_tiny", f"paths.data_dir={small_toy}",
+                                          f"paths.log_dir={log_dir}", f"paths.root_dir={log_dir}",
+                                          f"paths.output_dir={run_dir}", "trainer.max_epochs=1",
+                                          "+trainer.limit_train_batches=1", "logger=csv", "eval=none",
+                                          "data.num_workers=0", *SMALL_OVERRIDES])
+    train(cfg)
+    return run_dir / "checkpoints" / "last.ckpt", log_dir
 
 
 def test_toy_suite_through_the_eval_cli(trained_ckpt, small_toy):
