@@ -4,7 +4,6 @@ fatal with data.strict=true. Before: a pool shard cut to half and queries withou
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import tarfile
@@ -14,15 +13,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tests._word_modules import OneHotWordModule
-from unimm.data.benchmark import BenchmarkWriter
-from unimm.data.collate import RetrievalCollator
-from unimm.data.datamodule import ShardDataModule
-from unimm.data.records import Item, make_sample
+from tests._word_modules import OneHotWordModule, word_datamodule, write_text_benchmark
 from unimm.data.shards import read_index
 from unimm.data.stream import DataError
 from unimm.eval.retrieval import Embeddings, RetrievalEvaluator, shard_accounting
-from unimm.models.processors import word_level_processor
 
 WORDS = [f"w{i}" for i in range(40)]
 N_POOL, N_QUERIES, NO_TEXT = 40, 20, 4
@@ -31,26 +25,14 @@ N_POOL, N_QUERIES, NO_TEXT = 40, 20, 4
 def _write(root, shard_size=20, no_text=NO_TEXT):
     """Pool of 40 text candidates "w<i>" in 2 shards of 20; 20 queries "w<2i>" -> candidate 2i, the last
     ``no_text`` of them without any text (a record with only meta.json)."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "vocab.txt").write_text("\n".join(WORDS))
-    writer = BenchmarkWriter(root / "eval", name="toy")
-    with writer.pool_writer("pool", max_count=shard_size) as w:
-        for i in range(N_POOL):
-            w.write(make_sample(f"c{i:03d}", {"did": f"d{i}", "modality": "text"}, cand=Item(text=f"w{i}")))
-    with writer.query_writer("t2t", max_count=shard_size) as w:
-        for i in range(N_QUERIES):
-            text = f"w{2 * i}" if i < N_QUERIES - no_text else None
-            w.write(make_sample(f"q{i:03d}", {"qid": f"q{i}"}, query=Item(text=text)))
-    writer.write_qrels("t2t", [f"q{i} 0 d{2 * i} 1 0" for i in range(N_QUERIES)])
-    writer.add_evaluation("t2t", dataset="toy", task="t2t", query_modality="text", cand_modality="text", pool="pool")
-    writer.save()
-    return root
+    return write_text_benchmark(
+        root, WORDS, [(f"c{i:03d}", f"d{i}", f"w{i}") for i in range(N_POOL)],
+        [(f"q{i:03d}", f"q{i}", f"w{2 * i}" if i < N_QUERIES - no_text else None) for i in range(N_QUERIES)],
+        [f"q{i} 0 d{2 * i} 1 0" for i in range(N_QUERIES)], shard_kwargs={"max_count": shard_size})
 
 
 def _evaluate(root, out, strict=False):
-    datamodule = ShardDataModule({}, functools.partial(RetrievalCollator, use_instruction=False), num_workers=0,
-                                 eval_batch_size=8, strict=strict)
-    datamodule.attach_processor(word_level_processor(str(root / "vocab.txt")))
+    datamodule = word_datamodule(root / "vocab.txt", 8, strict=strict)
     return RetrievalEvaluator(str(root / "eval"), grid_queries=0).run(OneHotWordModule(4 + len(WORDS)), datamodule, out)
 
 

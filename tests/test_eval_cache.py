@@ -4,7 +4,6 @@ Before: the cache was keyed by the step tag inside the run folder and a second m
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import socket
@@ -14,10 +13,7 @@ import sys
 import pytest
 import torch
 
-from unimm.data.benchmark import BenchmarkWriter
-from unimm.data.collate import RetrievalCollator
-from unimm.data.datamodule import ShardDataModule
-from unimm.data.records import Item, make_sample
+from tests._word_modules import word_datamodule, write_text_benchmark
 from unimm.eval.cache import (
     LOCK_FILE,
     claim,
@@ -28,7 +24,6 @@ from unimm.eval.cache import (
     weights_fingerprint,
 )
 from unimm.eval.retrieval import RetrievalEvaluator
-from unimm.models.processors import word_level_processor
 
 WORDS = [f"w{i}" for i in range(40)]
 
@@ -57,27 +52,14 @@ class WordEmbedder(torch.nn.Module):
 def bench(tmp_path_factory):
     """40 text candidates "w<i>"; 40 queries "w<i> w<i+7> w<i+13>" (mod 40) -> candidate i: which candidate
     comes first depends on the word vectors, i.e. on the weights."""
-    root = tmp_path_factory.mktemp("cachebench")
-    (root / "vocab.txt").write_text("\n".join(WORDS))
-    writer = BenchmarkWriter(root / "eval", name="toy")
-    with writer.pool_writer("pool") as w:
-        for i, word in enumerate(WORDS):
-            w.write(make_sample(f"c{i:02d}", {"did": f"d{i}", "modality": "text"}, cand=Item(text=word)))
-    with writer.query_writer("t2t") as w:
-        for i, word in enumerate(WORDS):
-            text = f"{word} {WORDS[(i + 7) % 40]} {WORDS[(i + 13) % 40]}"
-            w.write(make_sample(f"q{i:02d}", {"qid": f"q{i}"}, query=Item(text=text)))
-    writer.write_qrels("t2t", [f"q{i} 0 d{i} 1 0" for i in range(len(WORDS))])
-    writer.add_evaluation("t2t", dataset="toy", task="t2t", query_modality="text", cand_modality="text", pool="pool",
-                          ks=(1, 3), report_k=3)
-    writer.save()
-    return root
+    return write_text_benchmark(
+        tmp_path_factory.mktemp("cachebench"), WORDS, [(f"c{i:02d}", f"d{i}", word) for i, word in enumerate(WORDS)],
+        [(f"q{i:02d}", f"q{i}", f"{word} {WORDS[(i + 7) % 40]} {WORDS[(i + 13) % 40]}") for i, word in enumerate(WORDS)],
+        [f"q{i} 0 d{i} 1 0" for i in range(len(WORDS))], ks=(1, 3), report_k=3)
 
 
 def _datamodule(bench, max_length=32):
-    dm = ShardDataModule({}, functools.partial(RetrievalCollator, use_instruction=False), num_workers=0, eval_batch_size=4)
-    dm.attach_processor(word_level_processor(str(bench / "vocab.txt"), max_length=max_length))
-    return dm
+    return word_datamodule(bench / "vocab.txt", 4, max_length=max_length)
 
 
 def _run(bench, module, out, tag="step10", **kwargs):

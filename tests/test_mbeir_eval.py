@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import json
 
 import numpy as np
 import pytest
 
-from tests._word_modules import OneHotWordModule
+from tests._word_modules import OneHotWordModule, word_datamodule
 from unimm.data.benchmark import BenchmarkWriter
-from unimm.data.datamodule import ShardDataModule
 from unimm.data.mbeir_collate import MBEIRCollator
 from unimm.data.records import Item, make_sample
 from unimm.eval.index import EmbeddingIndex
 from unimm.eval.mbeir import MBEIREvaluator, main, paper_table, report_k, same_dataset_qrels, union_embeddings
 from unimm.eval.retrieval import Embeddings
-from unimm.models.processors import word_level_processor
 
 WORDS = [f"w{i}" for i in range(8)]
 
@@ -47,9 +44,7 @@ def bench(tmp_path_factory):
 
 
 def _run(bench, tmp_path, **kwargs):
-    datamodule = ShardDataModule({}, functools.partial(MBEIRCollator, use_instruction=False), num_workers=0,
-                                 eval_batch_size=4)
-    datamodule.attach_processor(word_level_processor(str(bench / "vocab.txt")))
+    datamodule = word_datamodule(bench / "vocab.txt", 4, collator=MBEIRCollator)
     evaluator = MBEIREvaluator(str(bench / "eval"), grid_queries=0, **kwargs)
     return evaluator.run(OneHotWordModule(4 + len(WORDS)), datamodule, tmp_path)
 
@@ -144,9 +139,7 @@ def shared_bench(tmp_path_factory):
 
 
 def _run_counting(bench, tmp_path, pool_mode):
-    datamodule = ShardDataModule({}, functools.partial(MBEIRCollator, use_instruction=False), num_workers=0,
-                                 eval_batch_size=2)
-    datamodule.attach_processor(word_level_processor(str(bench / "vocab.txt")))
+    datamodule = word_datamodule(bench / "vocab.txt", 2, collator=MBEIRCollator)
     module = CountingModule(4 + len(WORDS))
     metrics = MBEIREvaluator(str(bench / "eval"), grid_queries=0, pool_mode=pool_mode).run(module, datamodule, tmp_path)
     return metrics, module.cand_rows

@@ -3,7 +3,6 @@ evaluator over each query's own candidate list, on fixtures with answers known b
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pyarrow as pa
@@ -12,14 +11,11 @@ import pytest
 from PIL import Image
 
 from tests._dist import run_distributed
-from tests._word_modules import OneHotWordModule
+from tests._word_modules import OneHotWordModule, word_datamodule
 from unimm.data.benchmark import load_benchmark, read_qrels
-from unimm.data.collate import RetrievalCollator
 from unimm.data.convert.mmeb import convert_mmeb, convert_mmeb_train
-from unimm.data.datamodule import ShardDataModule
 from unimm.data.shards import iter_raw_samples, read_index
 from unimm.eval.mmeb import MMEBEvaluator, heading, modality_pair, summarize
-from unimm.models.processors import word_level_processor
 
 WORDS = ["apple", "boat", "cat", "dog", "egg", "fish"]
 
@@ -100,9 +96,7 @@ def test_converter_layout_and_counts(bench):
 
 
 def _evaluate(rank, world, root):
-    datamodule = ShardDataModule({}, functools.partial(RetrievalCollator, use_instruction=False), num_workers=0,
-                                 eval_batch_size=2)
-    datamodule.attach_processor(word_level_processor(str(root / "vocab.txt")))
+    datamodule = word_datamodule(root / "vocab.txt", 2)
     module = OneHotWordModule(4 + len(WORDS) + 7, word="last")
     return MMEBEvaluator(str(root / "bench"), grid_queries=0).run(module, datamodule, root / f"out{world}")
 

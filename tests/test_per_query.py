@@ -11,12 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._word_modules import OneHotWordModule
+from tests._word_modules import FixedEncoder, OneHotWordModule, word_datamodule, write_text_benchmark
 from tests.conftest import run_cli, single_run_dir
-from unimm.data.benchmark import BenchmarkWriter
-from unimm.data.collate import RetrievalCollator
 from unimm.data.datamodule import ShardDataModule
-from unimm.data.records import Item, make_sample
 from unimm.eval.per_query import read_trec
 from unimm.eval.retrieval import RetrievalEvaluator
 from unimm.models.processors import word_level_processor
@@ -29,24 +26,14 @@ def bench(tmp_path_factory):
     """Pool c0..c5 = "w0".."w5" (dids d0..d5). Queries (one-hot of the first word ranks its word first, then the
     zero-score rest by index): qa "w1" -> {d1, d2}: hit@1; qb "w3" -> d9, outside the pool: a miss everywhere;
     qc "w5" -> d0: ranked second, a hit at 5 only."""
-    root = tmp_path_factory.mktemp("pq")
-    (root / "vocab.txt").write_text("\n".join(WORDS))
-    writer = BenchmarkWriter(root / "eval", name="toy")
-    with writer.pool_writer("pool") as w:
-        for i, word in enumerate(WORDS):
-            w.write(make_sample(f"c{i}", {"did": f"d{i}", "modality": "text"}, cand=Item(text=word)))
-    with writer.query_writer("t2t") as w:
-        for key, text in (("qa", "w1"), ("qb", "w3"), ("qc", "w5")):
-            w.write(make_sample(key, {"qid": key}, query=Item(text=text)))
-    writer.write_qrels("t2t", ["qa 0 d1 1 0", "qa 0 d2 1 0", "qb 0 d9 1 0", "qc 0 d0 1 0"])
-    writer.add_evaluation("t2t", dataset="toy", task="t2t", query_modality="text", cand_modality="text", pool="pool")
-    writer.save()
-    return root
+    return write_text_benchmark(
+        tmp_path_factory.mktemp("pq"), WORDS, [(f"c{i}", f"d{i}", word) for i, word in enumerate(WORDS)],
+        [(key, key, text) for key, text in (("qa", "w1"), ("qb", "w3"), ("qc", "w5"))],
+        ["qa 0 d1 1 0", "qa 0 d2 1 0", "qb 0 d9 1 0", "qc 0 d0 1 0"])
 
 
 def _evaluate(bench, out, **kwargs):
-    dm = ShardDataModule({}, functools.partial(RetrievalCollator, use_instruction=False), num_workers=0, eval_batch_size=2)
-    dm.attach_processor(word_level_processor(str(bench / "vocab.txt")))
+    dm = word_datamodule(bench / "vocab.txt", 2)
     return RetrievalEvaluator(str(bench / "eval"), grid_queries=0, **kwargs).run(OneHotWordModule(4 + len(WORDS)), dm,
                                                                                  out, tag="step7")
 
@@ -99,8 +86,7 @@ def test_candidate_lists_write_jsonl(tmp_path):
     eval_dir, images = write_fixture(tmp_path / "src")
     convert_mmeb(eval_dir, images, tmp_path / "bench")
     (tmp_path / "vocab.txt").write_text("\n".join(MMEB_WORDS + ["represent", "the", "given", "image", "for", "find", "an"]))
-    dm = ShardDataModule({}, functools.partial(RetrievalCollator, use_instruction=False), num_workers=0, eval_batch_size=2)
-    dm.attach_processor(word_level_processor(str(tmp_path / "vocab.txt")))
+    dm = word_datamodule(tmp_path / "vocab.txt", 2)
     metrics = MMEBEvaluator(str(tmp_path / "bench"), grid_queries=0).run(
         OneHotWordModule(4 + len(MMEB_WORDS) + 7, word="last"), dm, tmp_path / "out")
     folder = tmp_path / "out" / "per_query"
@@ -141,18 +127,10 @@ def test_make_train_leaves_run_files_beside_metrics_json(toy_data_dir, tmp_path)
     assert wandb_files and b"per_query-toy" in Path(wandb_files[0]).read_bytes()
 
 
-class PixelEncoder(torch.nn.Module):
+class PixelEncoder(FixedEncoder):
     """The first 48 pixel values of an image as its embedding: a fixed encoder whose neighbours are known."""
 
-    def __init__(self):
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-
-    @property
-    def device(self):
-        return self.anchor.device
-
-    def encode_candidate(self, side):
+    def encode_query(self, side):
         return side["pixel_values"].flatten(1)[:, :48]
 
 
@@ -160,9 +138,7 @@ def test_image_retrieval_writes_per_query_outputs(toy_data_dir, tmp_path):
     """Leave-one-out label retrieval (UNICOM / MLCD protocol): positives are the same-label images, never the query."""
     from unimm.eval.probe import ImageRetrievalEvaluator
 
-    dm = ShardDataModule({}, functools.partial(RetrievalCollator, use_instruction=False), num_workers=0,
-                         eval_batch_size=64)
-    dm.attach_processor(word_level_processor(str(toy_data_dir / "toy" / "vocab.txt")))
+    dm = word_datamodule(toy_data_dir / "toy" / "vocab.txt", 64)
     pool = toy_data_dir / "toy" / "eval" / "pools" / "toy_images"
     metrics = ImageRetrievalEvaluator("toy_digits", {"path": str(pool), "sides": ["cand"]}, ks=[1, 5]).run(
         PixelEncoder(), dm, tmp_path, tag="step0")

@@ -4,7 +4,6 @@ its colour's word), in 1 and 2 processes."""
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
@@ -12,13 +11,11 @@ import torch
 from PIL import Image
 
 from tests._dist import run_distributed
-from tests._word_modules import FixedEncoder
+from tests._word_modules import FixedEncoder, word_datamodule
 from unimm.data.benchmark import BenchmarkWriter
-from unimm.data.datamodule import ShardDataModule
 from unimm.data.mbeir_collate import MBEIRCollator
 from unimm.data.records import Item, make_sample
 from unimm.eval.unirag import UniRAGEvaluator
-from unimm.models.processors import word_level_processor
 
 WORDS = ["red", "green", "blue", "cat", "dog"]  # token ids 4..8
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
@@ -81,9 +78,7 @@ def bench(tmp_path_factory):
 
 
 def _run(bench, out_dir, **kwargs):
-    datamodule = ShardDataModule({}, functools.partial(MBEIRCollator, use_instruction=False), num_workers=0,
-                                 eval_batch_size=2)
-    datamodule.attach_processor(word_level_processor(str(bench / "vocab.txt")))
+    datamodule = word_datamodule(bench / "vocab.txt", 2, collator=MBEIRCollator)
     evaluator = UniRAGEvaluator(str(bench / "eval"), grid_queries=0, **kwargs)
     metrics = evaluator.run(ColourWordModule(), datamodule, out_dir)
     rows = {name: [json.loads(line) for line in open(out_dir / "unirag" / f"{name}_retrieved.jsonl")]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -107,6 +108,18 @@ class LoadReport:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=1))
         return path
+
+
+def rename_by_rules(key: str, rules: tuple[tuple[str, str], ...],
+                    accept: Callable[[str], bool] | None = None) -> str | None:
+    """``key`` rewritten by the first of ``rules`` (``(regex, replacement)`` pairs, in order) that matches it and whose
+    result ``accept`` takes (default: any); None when no rule does. The loaders' explicit key maps are such tables."""
+    for pattern, repl in rules:
+        if re.match(pattern, key):
+            name = re.sub(pattern, repl, key)
+            if accept is None or accept(name):
+                return name
+    return None
 
 
 def strict_fit(state: Mapping[str, Tensor], ours: Mapping[str, Tensor], report: LoadReport,

@@ -27,14 +27,13 @@ dtype and listed in ``report.cast``. The encoder must have the release's shapes 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
 from torch import Tensor
 
 from unimm.checkpoints.io import load_checkpoint
-from unimm.checkpoints.report import LoadReport, strict_fit
+from unimm.checkpoints.report import LoadReport, rename_by_rules, strict_fit
 
 # (official regex, our replacement); the first match wins, keys matching none are unexpected
 OFFICIAL_TO_OURS: tuple[tuple[str, str], ...] = (
@@ -51,10 +50,7 @@ OFFICIAL_TO_OURS: tuple[tuple[str, str], ...] = (
 
 def official_to_ours(key: str) -> str | None:
     """Our name for an official UNICOM key, or None when no rule matches."""
-    for pattern, repl in OFFICIAL_TO_OURS:
-        if re.match(pattern, key):
-            return re.sub(pattern, repl, key)
-    return None
+    return rename_by_rules(key, OFFICIAL_TO_OURS)
 
 
 def convert_unicom_state(official: Mapping[str, Tensor], ours: Mapping[str, Tensor],

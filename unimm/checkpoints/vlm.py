@@ -38,7 +38,7 @@ from torch import Tensor
 
 from unimm.checkpoints.phi35v import IGNORED_KEYS as PHI_IGNORED
 from unimm.checkpoints.phi35v import WTE_ALIAS, official_to_ours
-from unimm.checkpoints.report import LoadReport, read_safetensors_folder, strict_fit
+from unimm.checkpoints.report import LoadReport, read_safetensors_folder, rename_by_rules, strict_fit
 
 HF_CANDIDATES: tuple[tuple[str, str], ...] = (
     (r"^model\.(.+)$", r"\1"),
@@ -53,12 +53,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 def hf_key(key: str, ours: Mapping[str, Tensor]) -> str | None:
     """Our name for a transformers VLM key (see the module docstring), or None when no candidate exists in ``ours``."""
-    for pattern, repl in HF_CANDIDATES:
-        if re.match(pattern, key):
-            name = re.sub(pattern, repl, key)
-            if name in ours:
-                return name
-    return None
+    return rename_by_rules(key, HF_CANDIDATES, accept=lambda name: name in ours)
 
 
 def phi35v_key(key: str, ours: Mapping[str, Tensor]) -> str | None:

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from unimm.checkpoints.io import load_checkpoint
-from unimm.checkpoints.report import LoadReport
+from unimm.checkpoints.report import LoadReport, rename_by_rules
 from unimm.models.vlmo import VLMo, VLMoConfig
 from unimm.models.vlmo.interpolate import interpolate_pos_embed, interpolate_relative_table
 
@@ -85,10 +85,7 @@ def unwrap_state_dict(ckpt: Mapping) -> dict[str, torch.Tensor]:
 
 def map_official_key(key: str) -> str | None:
     """Our name for an official key, or None when no rule matches."""
-    for pattern, repl in OFFICIAL_TO_OURS:
-        if re.match(pattern, key):
-            return re.sub(pattern, repl, key)
-    return None
+    return rename_by_rules(key, OFFICIAL_TO_OURS)
 
 
 def convert_official_state_dict(state: Mapping[str, torch.Tensor], max_text_len: int, num_token_types: int = 2,

@@ -53,8 +53,8 @@ def list_scores(query_vector: np.ndarray, cand_vectors: np.ndarray, canonical: n
 
 
 def predicted_index(scores: np.ndarray, ties_to_positive: bool) -> int:
-    """The candidate a protocol picks: the best score, ties to the lower index (``argmax``); without
-    ``ties_to_positive`` a negative tied with the positive (index 0) is picked instead of it."""
+    """The candidate a protocol picks from ``scores`` ``[C]`` (positive first): the best score, ties to the lower index
+    (``argmax``); without ``ties_to_positive`` a negative tied with the positive (index 0) is picked instead of it."""
     best = int(np.argmax(scores))
     if best == 0 and not ties_to_positive:
         tied = np.flatnonzero(scores[1:] >= scores[0])

@@ -114,7 +114,8 @@ class Embeddings:
 
 
 def aligned_scores(sims: np.ndarray, ranked: np.ndarray, reranked: np.ndarray) -> np.ndarray:
-    """The search scores ``[Q, K]`` of ``reranked`` (a per-row permutation of ``ranked``, whose scores are ``sims``)."""
+    """The search scores ``[Q, K]`` of ``reranked`` ``[Q, K]`` (a per-row permutation of ``ranked`` ``[Q, K]``, whose
+    scores are ``sims`` ``[Q, K]``); a candidate not in its row of ``ranked`` gets NaN."""
     if reranked is ranked or np.array_equal(reranked, ranked):
         return sims
     out = np.empty(reranked.shape, np.float32)
