@@ -38,6 +38,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, CLIPVisionConfig, Phi3Config
 from transformers.initialization import no_init_weights
 
+from unimm.checkpoints.report import LoadReport, strict_fit
 from unimm.models.vlm.phi35v import IMAGE_TOKEN, Phi3VAdapter, Phi3VBackbone, Phi35VModel
 from unimm.models.vlm.phi35v_crop import CLIP_MEAN, CLIP_STD, Phi35VImageProcessor
 
@@ -143,7 +144,8 @@ def read_official_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def map_official_state(official: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official tensors -> ours, checked: unknown keys, missing keys and shape mismatches raise, naming them."""
+    """Official tensors -> ours in our dtypes, checked: unknown keys, missing keys and shape mismatches raise, naming
+    them."""
     official = dict(official)
     alias, target = WTE_ALIAS
     if alias in official:
@@ -159,15 +161,10 @@ def map_official_state(official: dict[str, torch.Tensor], ours: dict[str, torch.
             unknown.append(key)
         else:
             mapped[name] = tensor
-    missing = sorted(set(ours) - set(mapped))
-    if unknown or missing:
-        raise KeyError(f"not a Phi-3.5-V checkpoint of this shape: unexpected official keys {sorted(unknown)[:20]} "
-                       f"({len(unknown)} in all); missing (ours) {missing[:20]} ({len(missing)} in all)")
-    bad = [f"{k}: {tuple(v.shape)} vs ours {tuple(ours[k].shape)}" for k, v in mapped.items()
-           if v.shape != ours[k].shape]
-    if bad:
-        raise ValueError(f"shape mismatches: {bad[:20]}")
-    return mapped
+    if unknown:
+        raise KeyError(f"not a Phi-3.5-V checkpoint: unexpected official keys {sorted(unknown)[:20]} "
+                       f"({len(unknown)} in all)")
+    return strict_fit(mapped, ours, LoadReport(), "Phi-3.5-V checkpoint")
 
 
 def load_phi35v_weights(model: Phi35VModel, path: str | Path) -> Phi35VModel:
@@ -176,7 +173,7 @@ def load_phi35v_weights(model: Phi35VModel, path: str | Path) -> Phi35VModel:
     The tensors read are assigned as the parameters (no second copy: 8 ranks each loading 4.2B parameters)."""
     ours = model.state_dict()
     state = map_official_state(read_official_state(path), ours)
-    model.load_state_dict({k: v.to(ours[k].dtype) for k, v in state.items()}, strict=True, assign=True)
+    model.load_state_dict(state, strict=True, assign=True)
     return model
 
 
