@@ -46,7 +46,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 CLIP_SIZES = (32, 61)   # 32: the tiny CLIP's input; 61: an odd crop size
 BLIP_SIZES = (32, 40)   # 32: the tiny BLIP's input
@@ -98,8 +97,8 @@ def perturb_norms(model: torch.nn.Module, generator: torch.Generator) -> None:
 
 
 def save_images(out: Path) -> dict[str, list[int]]:
-    from skimage import data as skdata
     from PIL import Image
+    from skimage import data as skdata
     (out / "images").mkdir(parents=True, exist_ok=True)
     sizes = {}
     for name, (source, (x0, y0, w, h)) in IMAGES.items():
@@ -136,8 +135,8 @@ def main(uniir_dir: str, clip_dir: str, out_dir: str) -> None:
     images = load_images(out)
 
     # -- preprocessing: the official transforms ----------------------------------------------------------------
-    from models.uniir_blip.backbone.transform.blip_transform import get_blip_transform
     import torchvision
+    from models.uniir_blip.backbone.transform.blip_transform import get_blip_transform
     meta["versions"]["torchvision"] = torchvision.__version__
     for n in CLIP_SIZES:
         tf = clip_impl._transform(n)
