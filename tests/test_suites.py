@@ -13,10 +13,10 @@ from tests.conftest import REPO, run_cli, single_run_dir
 from unimm.eval.suite import model_modalities, plan_suite
 from unimm.leaderboard.gather import build_board
 
-# A smaller toy set than the default (300 training records, 120 pool images, 40 queries per task): the tests are
+# A smaller toy set than the default (120 training records, 60 pool images, 20 queries per task): the tests are
 # about the suite, the records and the probe's inputs, not the scores. Both CLI calls pass the same sizes, so
 # their prepare step (ensure_toy) finds the set built and keeps it.
-SMALL = {"n_train_per_task": 100, "n_eval_queries": 40, "n_pool_images": 120}
+SMALL = {"n_train_per_task": 40, "n_eval_queries": 20, "n_pool_images": 60}
 SMALL_OVERRIDES = [f"+data.prepare.{k}={v}" for k, v in SMALL.items()]
 
 
