@@ -14,11 +14,6 @@ from tests.conftest import REPO
 from unimm.train import train
 
 TINY = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*tiny*.yaml"))
-# In the fast suite: the twins whose prepare step builds more than the toy set (NLI triplets, cluster labels) and
-# the default toy run. The others read only the toy set and are trained end to end by their family's own fast
-# tests; here they run in `make test-full` (measured on a loaded 2-core machine: 5-70 s each).
-FAST = {"e5v_tiny", "unicom_tiny", "mlcd_tiny", "uniir_clip_sf_tiny"}
-CASES = [name if name in FAST else pytest.param(name, marks=pytest.mark.slow) for name in TINY]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +25,7 @@ def test_every_family_has_a_tiny_twin():
     assert {"e5v_tiny", "unicom_tiny", "mlcd_tiny", "uniir_clip_sf_tiny", "vlmo_tiny", "unimur_tiny"} <= set(TINY)
 
 
-@pytest.mark.parametrize("experiment", CASES)
+@pytest.mark.parametrize("experiment", TINY)  # all 13 in about 26 s on 2 idle cores
 def test_tiny_experiment_runs_from_an_empty_data_folder(experiment, empty_data_dir, tmp_path):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[
