@@ -28,6 +28,7 @@ from unimm.losses.momentum import MomentumDistillation, momentum_copy, momentum_
 from unimm.methods.base import EmbeddingModule
 from unimm.models.fusion import CLIPScoreFusion
 from unimm.training.optim import weight_decay_groups
+from unimm.utils.errors import UnsupportedSetting
 
 
 class UniIRModule(EmbeddingModule):
@@ -102,7 +103,7 @@ class UniIRModule(EmbeddingModule):
             raise KeyError("the momentum loss needs candidate ids (batch['pos_ids']): collate with "
                            "unimm.data.mbeir_collate.MBEIRCollator")
         if "neg" in batch:  # silently dropping them would train a different model than the one asked for
-            raise NotImplementedError(
+            raise UnsupportedSetting(
                 "hard negatives with the momentum loss (UniIR BLIP_SF / BLIP_FF put them into the candidate queue) "
                 "are not implemented: set data.collator.hard_negatives=0 or use a CLIP variant")
         query = self.encode_query(batch["query"])

@@ -25,6 +25,10 @@ class UserError(Exception):
     """A problem with the input (config, data, checkpoint) that the message explains completely."""
 
 
+class UnsupportedSetting(UserError, NotImplementedError):
+    """A combination of settings unimm refuses rather than silently reinterpreting (the message names the fix)."""
+
+
 def is_explained(err: BaseException) -> bool:
     """True for :class:`UserError` and for the :data:`EXPLAINED_TYPES` raised by unimm's own code."""
     if isinstance(err, UserError):
