@@ -271,8 +271,8 @@ def test_a_killed_conversion_resumes_from_its_finished_shards(fx, tmp_path):
     os.killpg(process.pid, signal.SIGKILL)  # the command and its workers, as a lost node would
     process.wait()
     finished = len(list(partial.glob("*.done.json")))
-    if out.exists():
-        pytest.skip("the conversion finished before it could be killed")
+    # 200 one-record shards against a kill after 5: a finished conversion means the test no longer tests resume
+    assert not out.exists(), "the conversion finished before it could be killed: enlarge the fixture"
     assert finished >= 5
     report = mbeir.convert_train(fx.train_queries, fx.pool, fx.root, out, shard_size=1, workers=2)
     assert report["resumed_shards"] == finished  # done files are renamed into place: each one is whole
