@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from skimage import data
 
-from unimm.data.collate import RetrievalCollator, processor_image_size
+from unimm.data.collate import RetrievalCollator, processor_resize_target
+from unimm.data.image_decode import ResizeTarget
 from unimm.data.mbeir_collate import MBEIRCollator
 from unimm.data.records import CorruptSample, DecodeHint, decode_sample, make_sample
 from unimm.models.image_processor import clip_image_processor
@@ -52,59 +53,82 @@ def test_only_the_sides_the_collator_uses_are_decoded():
     assert decode_sample(raw, hint=DecodeHint(("pos",))).sides["posx"].image is None
 
 
-def test_reduced_decode_scale_is_the_largest_power_of_two_keeping_the_target():
-    def size(width, height, min_size, fmt="JPEG"):
-        buf = io.BytesIO()
-        Image.new("RGB", (width, height), (10, 200, 30)).save(buf, format=fmt)
-        raw = {"__key__": "k", "cand." + ("jpg" if fmt == "JPEG" else "png"): buf.getvalue()}
-        return decode_sample(raw, hint=DecodeHint(min_size=min_size)).sides["cand"].image.size
-
-    assert size(500, 375, 224) == (500, 375)  # 375 < 2 * 224: full size (the 1/2 scale would be 188 < 224)
-    assert size(640, 480, 224) == (320, 240)  # COCO size: 1/2
-    assert size(1000, 750, 224) == (500, 375)  # 750 // 224 = 3 -> 1/2
-    assert size(2000, 1500, 224) == (500, 375)  # 1500 // 224 = 6 -> 1/4
-    assert size(4000, 3000, 224) == (500, 375)  # 1/8
-    assert size(1001, 751, 224) == (501, 376)  # libjpeg rounds up
-    assert size(2000, 1500, 224, "PNG") == (2000, 1500)  # only JPEGs have DCT scaling
-    assert size(2000, 1500, None) == (2000, 1500)
+CLIP_224 = ResizeTarget(shortest_edge=224)
 
 
-def test_reduced_decode_pixel_difference_on_real_images_is_bounded():
-    """The measured deviation of the processor's output (CLIP 224, in 0..255 levels) stays within what the README
-    states; 500x375 images (no reduction possible) are exact."""
-    processor = clip_image_processor(224)
+def decoded_size(width, height, target, fmt="JPEG", mode="RGB"):
+    buf = io.BytesIO()
+    Image.new(mode, (width, height), 120).save(buf, format=fmt)
+    raw = {"__key__": "k", "cand." + ("jpg" if fmt == "JPEG" else "png"): buf.getvalue()}
+    return decode_sample(raw, hint=DecodeHint(resize=target)).sides["cand"].image.size
 
-    def pixels(raw, hint):
-        return processor.images([decode_sample(raw, hint=hint).sides["cand"].image])[0] * CLIP_STD_255
 
-    worst = {}
+def test_reduced_decode_hands_the_processor_its_own_resize_size():
+    # the processor's first resize (short side 224, long side truncated), whatever DCT scale was used
+    assert decoded_size(500, 375, CLIP_224) == (298, 224)  # 5/8 scale: 312.5 x 234.375
+    assert decoded_size(640, 480, CLIP_224) == (298, 224)  # 1/2
+    assert decoded_size(375, 500, CLIP_224) == (224, 298)  # portrait
+    assert decoded_size(4000, 3000, CLIP_224) == (298, 224)  # 1/8
+    assert decoded_size(1001, 751, CLIP_224) == (298, 224)  # partial last pixel of the scaled decode
+    assert decoded_size(400, 300, ResizeTarget(height=224, width=224)) == (224, 224)  # BLIP's square
+    # exact decode where no reduction applies: target not smaller on both axes, not a JPEG, CMYK, or off
+    assert decoded_size(250, 230, CLIP_224) == (250, 230)
+    assert decoded_size(500, 375, ResizeTarget(height=384, width=384)) == (500, 375)  # upscaled height
+    assert decoded_size(2000, 1500, CLIP_224, fmt="PNG") == (2000, 1500)
+    assert decoded_size(2000, 1500, CLIP_224, mode="CMYK") == (2000, 1500)
+    assert decoded_size(2000, 1500, None) == (2000, 1500)
+
+
+def test_reduced_decode_of_a_broken_jpeg_is_still_a_bad_image():
+    cut = jpeg(1000, 750)[:5000]  # a truncated download
+    with pytest.raises(CorruptSample, match="bad_image"):
+        decode_sample({"__key__": "k", "cand.jpg": cut}, hint=DecodeHint(resize=CLIP_224))
+
+
+def processor_levels(processor, raw, hint):
+    """The processor's output for the record's image, in 0..255 levels."""
+    return processor([decode_sample(raw, hint=hint).sides["cand"].image])[0] * CLIP_STD_255
+
+
+@pytest.mark.parametrize("kind", ["hf_clip", "openai_clip", "blip"])
+def test_reduced_decode_pixel_difference_on_real_images_is_bounded(kind):
+    """The deviation of the processor's output from the exact path (in 0..255 levels) stays within what the
+    README states (bench_decode.py, 7 images: max 33-45, mean <= 1.35). A stretched geometry (the partial last
+    pixel resized over the whole image) measured mean 3.6 at 500x375: these bounds catch it."""
+    processors = {"hf_clip": clip_image_processor(224).images,
+                  "openai_clip": lambda ims: OfficialImageTransform("openai_clip", 224)(ims)["pixel_values"],
+                  "blip": lambda ims: OfficialImageTransform("blip", 224)(ims)["pixel_values"]}
+    processor = processors[kind]
+    hint = DecodeHint(resize=processor_resize_target(
+        clip_image_processor(224) if kind == "hf_clip" else OfficialImageTransform(kind, 224)))
     for width, height in ((500, 375), (640, 480), (1000, 750)):
-        diffs = []
-        for image in real_images():
-            raw = {"__key__": "k", "cand.jpg": jpeg(width, height, image)}
-            diffs.append((pixels(raw, None) - pixels(raw, DecodeHint(min_size=224))).abs().flatten())
-        d = torch.cat(diffs)
-        worst[(width, height)] = (d.max().item(), d.mean().item())
-    assert worst[(500, 375)] == (0.0, 0.0)
-    # README "Data at scale" (bench_decode.py, 7 images): 640x480 max 38, mean 1.2; 1000x750 max 14, mean 0.45
-    assert 0 < worst[(640, 480)][0] <= 45 and worst[(640, 480)][1] <= 1.6
-    assert 0 < worst[(1000, 750)][0] <= 20 and worst[(1000, 750)][1] <= 0.7
+        d = torch.cat([(processor_levels(processor, raw, None) - processor_levels(processor, raw, hint)).abs().flatten()
+                       for raw in ({"__key__": "k", "cand.jpg": jpeg(width, height, im)} for im in real_images())])
+        assert 0 < d.max().item() <= 50, (width, height, d.max().item())
+        assert d.mean().item() <= 1.5, (width, height, d.mean().item())
 
 
-def test_collators_hint_their_sides_and_the_processor_size():
+def test_exact_decode_is_unchanged_by_the_hint_sides():
+    raw = {"__key__": "k", "cand.jpg": jpeg(500, 375)}
+    exact = np.asarray(Image.open(io.BytesIO(raw["cand.jpg"])).convert("RGB"))
+    assert np.array_equal(np.asarray(decode_sample(raw, hint=DecodeHint(("cand",))).sides["cand"].image), exact)
+
+
+def test_collators_hint_their_sides_and_the_processor_resize():
     class Processor:  # the collator reads only .image_processor for its hint
         image_processor = clip_image_processor(224).image_processor
 
     plain = RetrievalCollator(Processor(), sides=("query", "pos"))
     assert plain.decode_hint == DecodeHint(("query", "pos"), None)  # exact by default
-    assert RetrievalCollator(Processor(), sides=("cand",), reduced_decode=True).decode_hint == DecodeHint(("cand",), 224)
+    assert RetrievalCollator(Processor(), sides=("cand",), reduced_decode=True).decode_hint == DecodeHint(
+        ("cand",), ResizeTarget(shortest_edge=224, resample=Image.BICUBIC))
     training = MBEIRCollator(Processor(), sides=("query", "pos"), hard_negatives=2)
     assert training.decode_hint.sides == ("query", "pos", "neg")
     assert MBEIRCollator(Processor(), sides=("query",), hard_negatives=2).decode_hint.sides == ("query",)
-    assert processor_image_size(OfficialImageTransform("blip", 384)) == 384
-    assert processor_image_size(OfficialImageTransform("openai_clip", 336)) == 336
+    assert processor_resize_target(OfficialImageTransform("blip", 384)) == ResizeTarget(height=384, width=384)
+    assert processor_resize_target(OfficialImageTransform("openai_clip", 336)) == ResizeTarget(shortest_edge=336)
 
     class Tiling:
         image_processor = type("P", (), {"size": {"longest_edge": 1344}})()
 
-    assert processor_image_size(Tiling()) is None  # VLM tiling: full decode
+    assert processor_resize_target(Tiling()) is None  # VLM tiling: full decode

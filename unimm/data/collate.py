@@ -6,7 +6,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 
+from unimm.data.image_decode import ResizeTarget
 from unimm.data.records import DecodeHint, Item, Record, record_fields
 
 
@@ -24,28 +26,31 @@ def format_query_text(instruction: str | None, text: str | None) -> str | None:
     return s[0].upper() + s[1:]
 
 
-def processor_image_size(processor) -> int | None:
-    """The smallest side length a processor resizes images to (before any crop), or None when it cannot tell.
+def processor_resize_target(processor) -> ResizeTarget | None:
+    """A processor's first resize (:class:`~unimm.data.image_decode.ResizeTarget`), or None when it cannot tell.
 
-    Read from the processor's ``decode_size`` hook when it has one, else from its image processor: HF ``size``
-    (``shortest_edge``, or ``height``/``width`` -> the larger, so that both stay covered) or an official
-    transform's ``size``. Processors that tile or resize by a longest edge (VLMs) give None: full decode.
+    Read from the processor's ``resize_target`` when it has one (the official transforms), else from its HF
+    image processor: ``size`` with only ``shortest_edge`` (CLIP) or only ``height``/``width`` (BLIP), and its
+    ``resample``. Processors that tile or resize by a longest edge (VLMs), or do not resize, give None: full
+    decode.
     """
-    if getattr(processor, "decode_size", None):
-        return int(processor.decode_size)
     image_processor = getattr(processor, "image_processor", processor)
+    target = getattr(image_processor, "resize_target", None)
+    if isinstance(target, ResizeTarget):
+        return target
     size = getattr(image_processor, "size", None)
-    if isinstance(size, int) and not isinstance(size, bool):
-        return size
-    if size is None:
+    if size is None or not getattr(image_processor, "do_resize", True):
         return None
+    resample = int(getattr(image_processor, "resample", None) or Image.Resampling.BICUBIC)
+    if isinstance(size, int) and not isinstance(size, bool):
+        return ResizeTarget(shortest_edge=size, resample=resample)
     # a dict, or transformers' SizeDict (attributes, None when unset)
     fields = {k: size.get(k) if isinstance(size, dict) else getattr(size, k, None) for k in _SIZE_FIELDS}
-    fields = {k: v for k, v in fields.items() if v is not None}
+    fields = {k: int(v) for k, v in fields.items() if v is not None}
     if set(fields) == {"shortest_edge"}:
-        return int(fields["shortest_edge"])
+        return ResizeTarget(shortest_edge=fields["shortest_edge"], resample=resample)
     if set(fields) == {"height", "width"}:
-        return int(max(fields["height"], fields["width"]))
+        return ResizeTarget(height=fields["height"], width=fields["width"], resample=resample)
     return None
 
 
@@ -54,8 +59,8 @@ _SIZE_FIELDS = ("shortest_edge", "height", "width", "longest_edge", "max_height"
 
 
 def collator_decode_hint(sides: Sequence[str], processor, reduced_decode: bool) -> DecodeHint:
-    """Decode only ``sides``; at reduced size when ``reduced_decode`` and the processor's size is known."""
-    return DecodeHint(tuple(sides), processor_image_size(processor) if reduced_decode else None)
+    """Decode only ``sides``; at reduced size when ``reduced_decode`` and the processor's first resize is known."""
+    return DecodeHint(tuple(sides), processor_resize_target(processor) if reduced_decode else None)
 
 
 class RetrievalCollator:

@@ -14,9 +14,9 @@ from typing import Any
 
 from PIL import Image
 
+from unimm.data.image_decode import ResizeTarget, decode_image
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-# the extension names the format: PIL need not probe every plugin (None = let it probe)
-_PIL_FORMATS = {"jpg": ["JPEG"], "jpeg": ["JPEG"], "png": ["PNG"], "webp": ["WEBP"]}
 
 
 class CorruptSample(Exception):
@@ -107,33 +107,16 @@ class DecodeHint:
         sides: the sides whose images are decoded (``"pos"`` covers ``pos.1``, ``pos.2`` ...; ``"neg"`` covers
             ``neg.0`` ...); the images of other sides are not decoded (their texts are, which is cheap), so a
             broken image in a side nobody uses is not counted as a bad sample. None = every side.
-        min_size: the smallest side length (pixels) the processor resizes images to, when reduced-size JPEG
-            decoding is on: a JPEG at least twice as large is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
-            scaling through PIL ``Image.draft``), the largest that keeps both sides >= ``min_size``, and the
-            processor resizes from there. Faster, not exact: see README "Data at scale" for the measured pixel
-            difference. None = full-size decode (exact).
+        resize: the processor's first resize, when reduced-size JPEG decoding is on: a JPEG larger than it on
+            both axes is decoded at ``m/8`` scale and resized to it (:mod:`unimm.data.image_decode`). Faster, not
+            exact: see README "Data at scale" for the measured pixel difference. None = full-size decode (exact).
     """
 
     sides: tuple[str, ...] | None = None
-    min_size: int | None = None
+    resize: ResizeTarget | None = None
 
     def decodes(self, side: str) -> bool:
         return self.sides is None or any(side == s or side.startswith(s + ".") for s in self.sides)
-
-
-def _decode_image(data: bytes, ext: str, min_size: int | None = None) -> Image.Image:
-    """Decode to RGB now (a truncated JPEG must fail here, not in the collator); trust the extension first.
-
-    ``min_size``: decode a JPEG at the largest power-of-two reduction keeping both sides >= it (see DecodeHint).
-    """
-    try:
-        image = Image.open(io.BytesIO(data), formats=_PIL_FORMATS.get(ext))
-    except Image.UnidentifiedImageError:  # mislabelled file (a PNG named .jpg): let PIL probe
-        image = Image.open(io.BytesIO(data))
-    if min_size and image.format == "JPEG" and min(image.size) >= 2 * min_size:
-        image.draft("RGB", (min_size, min_size))  # PIL picks the scale: both sides stay >= min_size
-    image.load()
-    return image if image.mode == "RGB" else image.convert("RGB")  # no copy when already RGB
 
 
 def decode_sample(raw: dict[str, Any], shard: str = "", hint: DecodeHint | None = None) -> Record:
@@ -151,7 +134,7 @@ def decode_sample(raw: dict[str, Any], shard: str = "", hint: DecodeHint | None 
     sides: dict[str, Item] = {}
     meta: dict[str, Any] = {}
     instruction = None
-    min_size = hint.min_size if hint is not None else None
+    resize = hint.resize if hint is not None else None
     for name, value in raw.items():
         if name.startswith("__"):
             continue
@@ -177,7 +160,7 @@ def decode_sample(raw: dict[str, Any], shard: str = "", hint: DecodeHint | None 
             if hint is not None and not hint.decodes(side):
                 continue
             try:
-                item.image = _decode_image(value, ext, min_size)
+                item.image = decode_image(value, ext, resize)
             except Exception as err:  # PIL raises many types for broken files
                 raise CorruptSample("bad_image", f"{key}.{name} in {shard}: {err}") from err
     if not sides:

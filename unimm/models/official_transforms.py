@@ -19,8 +19,11 @@ torchvision resizes a PIL image with ``PIL.Image.resize`` (antialiased by constr
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image
+
+from unimm.data.image_decode import ResizeTarget
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -51,8 +54,7 @@ def center_crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, 
 def to_normalized_tensor(image: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """torchvision ``ToTensor`` + ``Normalize``: uint8 HWC -> float32 CHW in [0, 1], then ``(x - mean) / std``
     in float32 ``[3, H, W]``."""
-    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    pixels = data.view(image.height, image.width, 3).permute(2, 0, 1).float().div(255)
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return pixels.sub(mean_t).div(std_t)
@@ -72,6 +74,13 @@ class OfficialImageTransform:
         if kind not in TRANSFORMS:
             raise ValueError(f"image transform {kind!r}; valid: {list(TRANSFORMS)}")
         self.kind, self.size, self.mean, self.std = kind, int(size), tuple(mean), tuple(std)
+
+    @property
+    def resize_target(self) -> ResizeTarget:
+        """The first resize, for reduced-size decoding in the data workers (``data.collator.reduced_decode``)."""
+        if self.kind == "blip":
+            return ResizeTarget(height=self.size, width=self.size, resample=Image.BICUBIC)
+        return ResizeTarget(shortest_edge=self.size, resample=Image.BICUBIC)
 
     def transform(self, image: Image.Image) -> torch.Tensor:
         """One PIL image -> ``[3, size, size]``."""
