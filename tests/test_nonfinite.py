@@ -96,3 +96,25 @@ def test_threshold_null_only_reports():
 def test_threshold_must_be_a_fraction():
     with pytest.raises(ValueError, match="max_skipped_fraction=10"):
         NonFiniteGuard(max_skipped_fraction=10)
+
+
+def test_counts_survive_a_resume(tmp_path):
+    """A run that diverged before an interruption is judged with those steps after resuming from its checkpoint:
+    8 of 10 steps skipped before, 2 good ones after, is 8 of 12 (> 10%), not 0 of 2."""
+    batches = _diverging(2, 10)
+    module = _Linear("skip")
+    guard = NonFiniteGuard(max_skipped_fraction=None)  # only counts in the first part
+    first = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      accelerator="cpu", default_root_dir=tmp_path, callbacks=[guard])
+    first.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    checkpoint = tmp_path / "diverged.ckpt"
+    first.save_checkpoint(checkpoint)
+    assert torch.load(checkpoint, weights_only=False)["callbacks"]["NonFiniteGuard"] == {"steps": 10, "skipped": 8}
+
+    resumed = NonFiniteGuard(max_skipped_fraction=0.1)
+    second = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                       accelerator="cpu", default_root_dir=tmp_path, callbacks=[resumed])
+    with pytest.raises(NonFiniteLossError, match="8 of 12 steps"):
+        second.fit(_Linear("skip"), train_dataloaders=torch.utils.data.DataLoader(_batches([["a"], ["b"]]),
+                                                                                   batch_size=None),
+                   ckpt_path=checkpoint)

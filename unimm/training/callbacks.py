@@ -118,7 +118,8 @@ class NonFiniteGuard(L.Callback):
     ``max_skipped_fraction`` of the steps run so far were skipped, judged over at least ``window`` steps (a single
     early NaN is not a diverged run), and again at the end of training over all its steps (short runs too).
     Every rank skips the same steps (the module agrees across ranks), so every rank stops together.
-    ``max_skipped_fraction=null`` only reports.
+    ``max_skipped_fraction=null`` only reports. The counts are kept in checkpoints, so a resumed run is judged
+    over all its steps, not only those since the restart.
     """
 
     def __init__(self, max_skipped_fraction: float | None = 0.1, window: int = 20, print_first: int = 10):
@@ -131,6 +132,15 @@ class NonFiniteGuard(L.Callback):
         self.steps = 0      # training batches run in this process (skipped or not)
         self.skipped = 0
         self._seen = 0      # the module's skipped_steps at the last batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"steps": self.steps, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.steps, self.skipped = int(state.get("steps", 0)), int(state.get("skipped", 0))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._seen = getattr(pl_module, "skipped_steps", 0)  # the module's own count restarts with the process
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.steps += 1
