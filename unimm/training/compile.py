@@ -31,6 +31,10 @@ class CompileSettings:
     mode: str | None = None  # inductor mode: None (default), "reduce-overhead", "max-autotune"
     dynamic: bool | None = None  # None: static first, dynamic after a shape change (text lengths vary)
     fallback: bool = True  # a block that fails to compile runs eagerly instead of stopping the run
+    # graphs dynamo keeps per block function before it runs further variants eagerly (torch's default: 8). One
+    # block function serves every layer, and VLMo's multiway block runs in more variants than 8 (3 experts x
+    # layers with and without the VL expert x static and dynamic shapes); raised, never lowered, process-wide
+    recompile_limit: int = 32
 
     @classmethod
     def parse(cls, value) -> CompileSettings:
@@ -78,6 +82,7 @@ def compile_blocks(module: nn.Module, settings: CompileSettings) -> CompileRepor
         return report
     if settings.fallback:
         torch._dynamo.config.suppress_errors = True  # a block dynamo cannot compile runs eagerly, with a warning
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, settings.recompile_limit)
     for name, block in repeated_blocks(module):
         block.compile(backend=settings.backend, mode=settings.mode, dynamic=settings.dynamic)
         report.compiled.append(name)
