@@ -36,11 +36,33 @@ def test_cc3m_tsv_counts_missing_and_broken_images(tmp_path):
     report = convert_cc3m(tsv, images, tmp_path / "out", shard_size=1)
     assert report["lines"] == 5 and report["kept"] == 2
     assert report["skipped"] == {"missing_image": 1, "bad_image": 1, "empty_caption": 1}
+    assert report["examples"]["bad_image"][0].startswith("broken.jpg: ") and report["verify_images"] == "structure"
     assert json.loads((tmp_path / "out" / "convert_report.json").read_text())["kept"] == 2
     recs = sorted(_records(tmp_path / "out"), key=lambda r: r.meta["image"])
     assert [r.sides["query"].text for r in recs] == ["A picture of a dog", "Tree"]
     assert recs[1].sides["pos"].image.getpixel((4, 4))[1] > 150  # the tree image is the green one
     assert read_index(tmp_path / "out").total == 2
+
+
+def test_cc3m_verify_images_decode_also_skips_a_damaged_but_whole_jpeg(tmp_path):
+    from test_image_files import flipped_huffman_table, pil_decodes
+
+    from unimm.data.convert.__main__ import main as convert_main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    _jpg(images / "dog.jpg")
+    _jpg(images / "tree.jpg", (0, 200, 0))
+    (images / "tree.jpg").write_bytes(flipped_huffman_table((images / "tree.jpg").read_bytes()))
+    assert not pil_decodes((images / "tree.jpg").read_bytes())
+    tsv = tmp_path / "cc3m_val.tsv"
+    tsv.write_text("caption\timage\nA dog\tdog.jpg\nTree\ttree.jpg\n")
+    for level, kept, skipped in (("structure", 2, {}), ("decode", 1, {"bad_image": 1})):
+        convert_main(["cc3m", "--tsv", str(tsv), "--images", str(images), "--out", str(tmp_path / level),
+                      "--verify-images", level])
+        report = json.loads((tmp_path / level / "convert_report.json").read_text())
+        assert (report["verify_images"], report["kept"], report["skipped"]) == (level, kept, skipped)
+    assert report["examples"]["bad_image"][0].startswith("tree.jpg: ")
 
 
 def _visdial_fixture(tmp_path):
@@ -64,6 +86,7 @@ def test_visdial_both_directions_per_round(tmp_path):
     path, img_dir = _visdial_fixture(tmp_path)
     report = convert_visdial(path, img_dir, tmp_path / "bench", rounds=(1, 2))
     assert report["kept"] == 2 and report["skipped"] == {"missing_image": 1}
+    assert report["verify_images"] == "structure"
     bench = load_benchmark(tmp_path / "bench")
     assert [e.name for e in bench.evaluations] == ["visdial_d2i_r1", "visdial_i2d_r1", "visdial_d2i_r2", "visdial_i2d_r2"]
     d2i = {r.key: r for r in _records(bench.evaluation("visdial_d2i_r2").queries)}
@@ -97,6 +120,7 @@ def test_mmdialog_context_and_candidates(tmp_path):
     report = convert_mmdialog(split, tmp_path / "bench")
     assert report["kept"] == 2 and report["image_queries"] == 2 and report["text_queries"] == 2
     assert report["skipped"] == {"candidate_missing_image": 1, "empty_text": 1, "empty_context": 1}
+    assert report["verify_images"] == "structure"
     bench = load_benchmark(tmp_path / "bench")
     images = {r.key: r for r in _records(bench.evaluation("mmdialog_image_response").queries)}
     assert sorted(images) == ["c0i0", "c0i1"]
@@ -139,3 +163,21 @@ def test_candidate_list_recall_averages_elements_per_response_and_ties_count_aga
     got = candidate_list_recall(queries, qmetas, pool, metas, (1, 2))
     assert got == {"recall@1": 25.0, "recall@2": 100.0}
     assert candidate_list_recall(queries[:0], [], pool, metas, (1,)) == {}
+
+
+def test_visdial_and_mmdialog_command_lines_take_the_verification_level(tmp_path):
+    from unimm.data.convert.__main__ import main as convert_main
+
+    path, img_dir = _visdial_fixture(tmp_path)
+    convert_main(["visdial", "--json", str(path), "--images", str(img_dir), "--out", str(tmp_path / "visdial"),
+                  "--verify-images", "decode"])
+    split = tmp_path / "test"
+    split.mkdir()
+    _jpg(split / "1.jpg")
+    (split / "conversations.json").write_text(json.dumps([{"conversation_id": 0, "conversation": [
+        {"turn": [{"__TEXT__": "hi"}, {"__MEDIA__": "1"}]}, {"turn": [{"__TEXT__": "hello"}]}],
+        "negative_candidate_media_keys": [], "negative_candidate_texts": ["bye"]}]))
+    convert_main(["mmdialog", "--split-dir", str(split), "--out", str(tmp_path / "mmdialog"), "--verify-images",
+                  "decode"])
+    for out in ("visdial", "mmdialog"):
+        assert json.loads((tmp_path / out / "convert_report.json").read_text())["verify_images"] == "decode"

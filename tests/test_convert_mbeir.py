@@ -303,3 +303,70 @@ def test_a_reused_pool_reports_what_its_shards_hold(fx, tmp_path):
     fresh = mbeir.convert_eval("mscoco_task0", fx.test_queries[T0], fx.pool, fx.qrels[T0], fx.root, tmp_path / "b2")
     assert fresh["queries"]["problems"] == second["queries"]["problems"] == {"qrel_not_in_pool": 1}
     assert "did=9:1001" in second["queries"]["examples"]["qrel_not_in_pool"][0]
+
+
+def test_a_damaged_but_whole_jpeg_is_skipped_by_decode_and_counted_by_the_loader_with_structure(fx, tmp_path):
+    """A JPEG whose bytes are damaged but whose markers are intact: ``decode`` skips it at conversion;
+    ``structure`` (the default) keeps it, and the data loader counts it as bad_image of its shard."""
+    from collections import Counter
+
+    from test_image_files import flipped_huffman_table, pil_decodes
+    from torch.utils.data import DataLoader
+
+    from unimm.data.stream import ShardStream, Source
+
+    path = fx.root / fx.candidates["9:1003"]["img_path"]
+    path.write_bytes(flipped_huffman_table(path.read_bytes()))
+    assert not pil_decodes(path.read_bytes())
+    pool = "pools/mbeir_union_test_cand_pool"
+    args = ("mscoco_task0", fx.test_queries[T0], fx.pool, fx.qrels[T0], fx.root)
+
+    decoded = mbeir.convert_eval(*args, tmp_path / "decode", verify_images="decode")
+    assert decoded["verify_images"] == "decode" and decoded["pool"]["problems"] == {"bad_image": 1}
+    [example] = decoded["pool"]["examples"]["bad_image"]
+    assert "did=9:1003" in example and str(path) in example
+    assert "9:1003" not in [rec.meta["did"] for _, rec in read_back(tmp_path / "decode" / pool)]
+
+    kept = mbeir.convert_eval(*args, tmp_path / "structure")
+    assert kept["verify_images"] == "structure" and kept["pool"]["problems"] == {}
+    index = read_index(tmp_path / "structure" / pool)
+    raws = {json.loads(raw["meta.json"])["did"]: raw for s in index.shards for raw in iter_raw_samples(s.path)}
+    assert raws["9:1003"]["cand.jpg"] == path.read_bytes()  # stored as it is
+
+    stream = ShardStream([Source(index)], batch_size=2, collate=lambda records: {"keys": [r.key for r in records]},
+                         train=False, required_sides=("cand",))
+    stream.configure(0, 1, 0)
+    keys, skipped = [], Counter()
+    for batch in DataLoader(stream, batch_size=None, num_workers=0, collate_fn=lambda b: b):
+        keys += batch["keys"]
+        skipped.update(batch["stats"].skipped)
+    assert sorted(keys) == sorted(mbeir.sample_key(did) for did in fx.candidates if did != "9:1003")
+    [shard] = [s.path for s in index.shards if any(m.startswith("mbeir_9_1003.") for m in _members(s.path))]
+    assert +skipped == Counter({("bad_image", shard): 1})
+
+
+def _members(shard: str) -> list[str]:
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        return tar.getnames()
+
+
+def test_the_verify_images_flag_reaches_the_report_and_a_bad_level_is_refused(fx, tmp_path, capsys):
+    from unimm.data.convert.__main__ import main as convert_main
+
+    common = ["--queries", str(fx.train_queries), "--pool", str(fx.pool), "--images", str(fx.root)]
+    convert_main(["mbeir", "train", *common, "--out", str(tmp_path / "a"), "--workers", "1"])
+    convert_main(["mbeir", "train", *common, "--out", str(tmp_path / "b"), "--workers", "1",
+                  "--verify-images", "decode"])
+    for out, level in (("a", "structure"), ("b", "decode")):
+        assert json.loads((tmp_path / out / "convert_report.json").read_text())["train"]["verify_images"] == level
+        assert f"verify_images={level}" in read_index(tmp_path / out).source
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        convert_main(["mbeir", "train", *common, "--out", str(tmp_path / "c"), "--verify-images", "fast"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="'fast'.*structure, decode"):
+        mbeir.convert_train(fx.train_queries, fx.pool, fx.root, tmp_path / "c", verify_images="fast")
+    assert not (tmp_path / "c").exists() and not (tmp_path / ".c.partial").exists()

@@ -115,6 +115,21 @@ def test_resume_keeps_finished_shards_and_redoes_cut_or_missing_ones(fx, tmp_pat
     assert sum(1 for s in read_index(out).shards for _ in iter_raw_samples(s.path)) == 15
 
 
+def test_a_partial_folder_written_at_another_image_verification_level_is_started_over(fx, tmp_path):
+    grow_train_queries(fx, 3)
+    image = fx.root / fx.queries["9:3"]["query_img_path"]
+    saved = image.read_bytes()
+    image.write_bytes(saved[:20])  # the second shard fails in strict mode: the first one is finished
+    out = tmp_path / "train"
+    with pytest.raises(mbeir.ConversionError, match="bad_image.*qid=9:3"):
+        mbeir.convert_train(fx.train_queries, fx.pool, fx.root, out, shard_size=2, workers=1, strict=True)
+    assert (tmp_path / ".train.partial" / "shard-000000.tar").exists()
+    image.write_bytes(saved)
+    report = mbeir.convert_train(fx.train_queries, fx.pool, fx.root, out, shard_size=2, workers=1,
+                                 verify_images="decode")
+    assert report["resumed_shards"] == 0 and report["queries"]["kept"] == 15 and report["verify_images"] == "decode"
+
+
 def test_a_partial_folder_of_another_input_is_started_over(fx, tmp_path):
     partial = tmp_path / ".train.partial"
     partial.mkdir()
@@ -175,6 +190,13 @@ def test_mbeir_all_prepares_the_whole_benchmark_in_one_command(fx, tmp_path, cap
     capsys.readouterr()
     reports = mbeir.convert_all(root, out, workers=1, shard_size=4)
     assert set(reports.values()) == {"already converted"} and len(reports) == 17
+    # at the other image verification level nothing is "already converted": it decides which images are kept
+    reports = mbeir.convert_all(root, out, only=["train", "mscoco_task0"], workers=1, shard_size=4,
+                                verify_images="decode")
+    assert [(r["mode"], r["verify_images"]) for r in reports.values()] == [("train", "decode"), ("eval", "decode")]
+    assert not reports["mscoco_task0"]["pool"]["reused"]
+    assert set(mbeir.convert_all(root, out, only=["train", "mscoco_task0"], workers=1, shard_size=4,
+                                 verify_images="decode").values()) == {"already converted"}
 
 
 def test_mbeir_all_names_missing_release_files_before_writing(fx, tmp_path, capsys):
@@ -216,7 +238,13 @@ def test_mmeb_all_prepares_eval_train_and_vqa_in_one_command(tmp_path, capsys):
             {"qry": f"<|image_1|> {name} {i}", "qry_image_path": "a.jpg", "pos_text": f"answer {i}",
              "pos_image_path": ""} for i in range(3)])
     out = tmp_path / "data"
-    convert_main(["mmeb", "all", "--root", str(root), "--out", str(out), "--per-dataset", "2"])
+    convert_main(["mmeb", "all", "--root", str(root), "--out", str(out), "--per-dataset", "2",
+                  "--verify-images", "decode"])
+    for part in ("mmeb_train", "mmeb_vqa"):
+        report = json.loads((out / part / "convert_report.json").read_text())
+        assert report["verify_images"] == "decode" and "verify_images=decode" in read_index(out / part).source
+    eval_report = json.loads((out / "mmeb" / "convert_report.json").read_text())
+    assert {r["verify_images"] for r in eval_report.values()} == {"decode"}
     bench = load_benchmark(out / "mmeb")
     assert sorted(e.name for e in bench.evaluations) == ["ImageNet-1K", "MSCOCO_t2i"]  # not eval_images
     assert read_index(out / "mmeb_train").total == 2 * len(mmeb.IND)  # --per-dataset rows of each IND set
@@ -312,7 +340,8 @@ def test_parallel_map_keeps_the_order_and_reports_each_image(tmp_path):
         Image.new("RGB", (4, 4), (i, 0, 0)).save(tmp_path / f"{i}.jpg")
     (tmp_path / "cut.jpg").write_bytes((tmp_path / "0.jpg").read_bytes()[:40])
     paths = ["3.jpg", "gone.jpg", "0.jpg", "cut.jpg", "4.jpg", "x.gif", "1.jpg"]
-    checked = parallel_map(partial(mmeb._check, str(tmp_path)), paths, workers=2, chunk=2)
-    assert [reason for _, reason in checked] == [None, "missing_image", None, "bad_image", None,
-                                                 "unsupported_image_format", None]
+    checked = parallel_map(partial(mmeb._check, str(tmp_path), "structure"), paths, workers=2, chunk=2)
+    assert [error and error.reason for _, error in checked] == [None, "missing_image", None, "bad_image", None,
+                                                               "unsupported_image_format", None]
+    assert str(tmp_path / "cut.jpg") in str(checked[3][1])  # the error names the file
     assert checked[0][0] == (tmp_path / "3.jpg").read_bytes() and checked[6][0] == (tmp_path / "1.jpg").read_bytes()

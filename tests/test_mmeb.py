@@ -79,7 +79,8 @@ def bench(tmp_path_factory):
 def test_converter_layout_and_counts(bench):
     root, report = bench
     assert report["MSCOCO_t2i"] == {"rows": 3, "kept": 2, "skipped": {"negative_dropped": 1,
-                                                                      "positive_image_unusable": 1}}
+                                                                      "positive_image_unusable": 1},
+                                    "verify_images": "structure"}
     spec = load_benchmark(root / "bench")
     assert [e.name for e in spec.evaluations] == ["CIRR", "ImageNet-1K", "MSCOCO_t2i"]
     coco = spec.evaluation("MSCOCO_t2i")
@@ -166,8 +167,20 @@ def test_train_converter(tmp_path):
     ])
     report = convert_mmeb_train(tmp_path / "train", images, tmp_path / "shards", ["MSCOCO_i2t"])
     assert report["kept"] == 1 and report["skipped"] == {"image_missing_image": 1}
+    assert report["verify_images"] == "structure"
     (sample,) = _samples(tmp_path / "shards")
     assert sample["pos.txt"] == b"a cat" and "query.jpg" in sample
+
+
+def test_strict_names_the_image_and_what_failed(tmp_path):
+    from unimm.data.convert.mmeb import MMEBError
+
+    eval_dir, images = write_fixture(tmp_path)
+    cut = images / "coco" / "c2.jpg"
+    cut.write_bytes(cut.read_bytes()[:-2])  # the end-of-image marker lost
+    with pytest.raises(MMEBError, match="end-of-image") as err:
+        convert_mmeb(eval_dir, images, tmp_path / "bench", datasets=["MSCOCO_t2i"], strict=True, workers=1)
+    assert "bad_image" in str(err.value) and str(cut) in str(err.value)
 
 
 def _duplicate_lists(seed: int = 0, rows: int = 60):

@@ -7,6 +7,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from unimm.data.image_files import add_verify_argument
+
 
 def _ks(text: str) -> tuple[int, ...]:
     try:
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--shard-size", type=int, default=1000, help="records per tar shard (default 1000)")
     common.add_argument("--workers", type=_workers, default=None, help=WORKERS_HELP)
+    add_verify_argument(common)
 
     train = modes.add_parser(
         "train",
@@ -119,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     everything.add_argument("--strict", action="store_true", help="stop at the first problem")
     everything.add_argument("--shard-size", type=int, default=1000, help="records per tar shard (default 1000)")
     everything.add_argument("--workers", type=_workers, default=None, help=WORKERS_HELP)
+    add_verify_argument(everything)
 
     toy = formats.add_parser(
         "toy",
@@ -181,12 +185,12 @@ def _run(args: argparse.Namespace) -> None:
     if args.mode == "all":
         mbeir.convert_all(
             args.root, args.out, only=args.only, strict=args.strict, shard_size=args.shard_size,
-            workers=args.workers,
+            workers=args.workers, verify_images=args.verify_images,
         )
     elif args.mode == "train":
         mbeir.convert_train(
             args.queries, args.pool, args.images, args.out, strict=args.strict, shard_size=args.shard_size,
-            workers=args.workers,
+            workers=args.workers, verify_images=args.verify_images,
         )
     else:
         mbeir.convert_eval(
@@ -202,6 +206,7 @@ def _run(args: argparse.Namespace) -> None:
             strict=args.strict,
             shard_size=args.shard_size,
             workers=args.workers,
+            verify_images=args.verify_images,
         )
 
 

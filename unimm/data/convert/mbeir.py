@@ -14,6 +14,8 @@ derived from (query modality, positive candidate modality), as M-BEIR has no tas
 ``train`` writes one record per query: side ``query``, sides ``pos``, ``pos.1`` ... = the positives found in the pool.
 ``eval`` writes a benchmark (unimm.data.benchmark): the pool, the queries, the qrels and the evaluation entry.
 Every skipped line or sample is counted by reason in ``<out>/convert_report.json``; ``strict`` raises instead.
+Image files are checked at the ``verify_images`` level (``--verify-images``: ``structure``, the default, or
+``decode``; see :mod:`unimm.data.image_files`), recorded in the report and part of what identifies a conversion.
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from unimm.data.benchmark import BenchmarkWriter, read_qrels
 from unimm.data.convert.parallel import input_mtime, write_shard_set
+from unimm.data.image_files import DEFAULT_VERIFY, ImageFileError, check_verify, read_image
 from unimm.data.records import make_sample
 from unimm.data.shards import TruncatedShard, iter_raw_samples, read_index
 
@@ -149,8 +151,12 @@ def _iter_jsonl(part: _Part, label: str, progress_bar: bool = True) -> Iterator[
         Progress(*columns, console=_console, transient=True, disable=disable) as progress,
     ):
         task = progress.add_task(label, total=os.fstat(f.fileno()).st_size)
+        unreported = 0  # bytes read since the bar last advanced (once per 1 MiB: not a lock per line)
         for lineno, line in enumerate(f, 1):
-            progress.advance(task, len(line))
+            unreported += len(line)
+            if unreported >= 1 << 20:
+                progress.advance(task, unreported)
+                unreported = 0
             if not line.strip():
                 continue
             part.lines += 1
@@ -167,29 +173,28 @@ def _iter_jsonl(part: _Part, label: str, progress_bar: bool = True) -> Iterator[
             yield lineno, obj
 
 
-def _load_image(images: Path, rel_path: str, part: _Part, where: str) -> tuple[bytes, str] | None:
-    """Read and fully decode an image; returns (bytes, ext) with JPEG/PNG kept as is, other formats as PNG."""
-    path = images / rel_path
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        part.problem("missing_image", where, f"{path}: {err.strerror or err}")
-        return None
-    try:
-        image = Image.open(io.BytesIO(data))
+class _Images:
+    """The M-BEIR root the image paths are relative to, and the level its files are checked at
+    (:mod:`unimm.data.image_files`); picklable, sent to the conversion workers."""
+
+    def __init__(self, root: str | os.PathLike, verify: str):
+        self.root, self.verify = os.fspath(root), check_verify(verify)
+
+    def load(self, rel_path: str, part: _Part, where: str) -> tuple[bytes, str] | None:
+        """(bytes, ext) of a checked image, JPEG/PNG kept as they are, other formats re-encoded as PNG; None
+        (problem counted: ``missing_image`` or ``bad_image``, with the path and what failed) otherwise."""
+        try:
+            image = read_image(os.path.join(self.root, rel_path), self.verify)
+        except ImageFileError as err:
+            part.problem(err.reason, where, str(err))
+            return None
         if image.format == "JPEG":
-            # verify at 1/8 scale: every byte is still entropy-decoded (a cut or damaged file fails the same
-            # way) but the inverse DCT and colour conversion of the full-size pixels, unused here, are skipped
-            image.draft(None, (1, 1))
-        image.load()  # a truncated file must fail here, not in a training run
-    except Exception as err:  # PIL raises many types for broken files
-        part.problem("bad_image", where, f"{path}: {err}")
-        return None
-    if image.format in ("JPEG", "PNG"):
-        return data, "jpg" if image.format == "JPEG" else "png"
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG")
-    return buf.getvalue(), "png"
+            return image.data, "jpg"
+        if image.format == "PNG":
+            return image.data, "png"
+        buf = io.BytesIO()
+        image.image.convert("RGB").save(buf, format="PNG")
+        return buf.getvalue(), "png"
 
 
 class _Side:
@@ -212,11 +217,11 @@ class _Side:
         return out
 
 
-def _read_side(text: Any, img_path: Any, images: Path, part: _Part, where: str, what: str) -> _Side | None:
+def _read_side(text: Any, img_path: Any, images: _Images, part: _Part, where: str, what: str) -> _Side | None:
     """Build a side; None (problem counted) when its image fails or it has neither text nor image."""
     image = None
     if img_path:
-        image = _load_image(images, str(img_path), part, where)
+        image = images.load(str(img_path), part, where)
         if image is None:
             return None
     side = _Side(text, image)
@@ -261,7 +266,7 @@ def _read_pool_index(pool: _Part) -> dict[str, tuple[Any, Any]]:
 
 
 def _positives(
-    pos: list[tuple[str, Any, Any] | tuple[str]], images: Path, part: _Part, where: str, pos_cand_list: Any
+    pos: list[tuple[str, Any, Any] | tuple[str]], images: _Images, part: _Part, where: str, pos_cand_list: Any
 ) -> list[tuple[str, _Side]]:
     """Every did of ``pos`` (``pos_cand_list`` in order, repeats once; ``(did, txt, img_path)`` when the did is
     in the pool, ``(did,)`` when not) whose side loads; problems counted."""
@@ -294,17 +299,17 @@ def _merge_accounting(part: _Part, accounting: dict[str, Any]) -> None:
         mine.extend(examples[: MAX_EXAMPLES - len(mine)])
 
 
-def _build_train(context: tuple[str, str, bool], items: list[tuple], write) -> dict[str, Any]:
+def _build_train(context: tuple[str, _Images, bool], items: list[tuple], write) -> dict[str, Any]:
     """Write the training records of one shard's queries (runs in a conversion worker)."""
     queries, images, strict = context
     part = _Part(queries, strict)
     for lineno, qid, key, q in items:
         where = f"{lineno} qid={qid}"
-        query = _read_side(q["query_txt"], q["query_img_path"], Path(images), part, where, "query")
+        query = _read_side(q["query_txt"], q["query_img_path"], images, part, where, "query")
         if query is None:
             part.skipped += 1
             continue
-        positives = _positives(q["pos"], Path(images), part, where, q["pos_cand_list"])
+        positives = _positives(q["pos"], images, part, where, q["pos_cand_list"])
         if not positives:
             part.skipped += 1
             continue
@@ -342,6 +347,25 @@ def _file_id(path: Path) -> str:
     return f"{path.resolve()} size={st.st_size} mtime_ns={st.st_mtime_ns}"
 
 
+# What identifies a conversion (index.json "source"; a partial folder or a finished set of another source is
+# written again): the input files and the image verification level, which decides which images are kept.
+
+
+def _train_source(queries: str | os.PathLike, pool: str | os.PathLike, verify_images: str) -> str:
+    return f"M-BEIR queries {_file_id(Path(queries))} pool {_file_id(Path(pool))} verify_images={verify_images}"
+
+
+def _queries_source(queries: str | os.PathLike, verify_images: str) -> str:
+    return f"M-BEIR queries {_file_id(Path(queries))} verify_images={verify_images}"
+
+
+def _pool_source(pool: Path, images: Path, verify_images: str) -> str:
+    """Same pool file (path, size, mtime), same image root and same verification level means same shards."""
+    st = pool.stat()
+    return (f"M-BEIR pool {pool.resolve()} size={st.st_size} mtime_ns={st.st_mtime_ns} images={images.resolve()}"
+            f" verify_images={verify_images}")
+
+
 def convert_train(
     queries: str | os.PathLike,
     pool: str | os.PathLike,
@@ -350,6 +374,7 @@ def convert_train(
     strict: bool = False,
     shard_size: int = 1000,
     workers: int | None = None,
+    verify_images: str = DEFAULT_VERIFY,
 ) -> dict[str, Any]:
     """Write one training record per query into the shard set ``out`` (replaced); returns the report.
 
@@ -365,9 +390,10 @@ def convert_train(
     ``workers`` processes load the images and write the shards (default: the cores); shard ``i`` holds the
     queries of lines ``i * shard_size ...`` (fewer when some are skipped), so the output is the same bytes
     whatever the worker count, and an interrupted run resumes (``unimm.data.convert.parallel``).
+    ``verify_images``: how image files are checked, ``"structure"`` or ``"decode"`` (:mod:`unimm.data.image_files`).
     """
     start = time.perf_counter()
-    images, out = Path(images), Path(out)
+    images, out = _Images(images, verify_images), Path(out)
     pool_part, query_part = _Part(pool, strict), _Part(queries, strict)
     candidates = _read_pool_index(pool_part)
     pool_part.kept = len(candidates)
@@ -390,9 +416,9 @@ def convert_train(
                 "neg_cand_list": list(q.get("neg_cand_list") or []),
             }
 
-    source = f"M-BEIR queries {_file_id(Path(queries))} pool {_file_id(Path(pool))}"
+    source = _train_source(queries, pool, verify_images)
     result = write_shard_set(
-        out, items(), partial(_build_train, (str(queries), str(images), strict)), shard_size=shard_size,
+        out, items(), partial(_build_train, (str(queries), images, strict)), shard_size=shard_size,
         mtime=input_mtime(queries, pool), source=source, converter="unimm.data.convert.mbeir train",
         workers=workers, label=f"train {Path(queries).name}", total=_count_lines(queries),
     )
@@ -403,6 +429,7 @@ def convert_train(
         "mode": "train",
         "out": str(out),
         "strict": strict,
+        "verify_images": verify_images,
         "seconds": round(time.perf_counter() - start, 2),
         "resumed_shards": result.resumed_shards,
         "queries": query_part.as_dict(),
@@ -412,15 +439,7 @@ def convert_train(
     return report
 
 
-def _pool_source(pool: Path, images: Path) -> str:
-    """Identifies a pool conversion: same file (path, size, mtime) and same image root means same shards."""
-    st = pool.stat()
-    return (
-        f"M-BEIR pool {pool.resolve()} size={st.st_size} mtime_ns={st.st_mtime_ns} images={images.resolve()}"
-    )
-
-
-def _build_pool(context: tuple[str, str, bool], items: list[tuple], write) -> dict[str, Any]:
+def _build_pool(context: tuple[str, _Images, bool], items: list[tuple], write) -> dict[str, Any]:
     """Write the candidates of one pool shard (runs in a conversion worker); accounting with ``modalities``
     (did -> modality of every written candidate)."""
     pool, images, strict = context
@@ -428,7 +447,7 @@ def _build_pool(context: tuple[str, str, bool], items: list[tuple], write) -> di
     modalities: dict[str, str] = {}
     for lineno, did, txt, img_path in items:
         where = f"{lineno} did={did}"
-        cand = _read_side(txt, img_path, Path(images), part, where, "candidate")
+        cand = _read_side(txt, img_path, images, part, where, "candidate")
         if cand is None:
             part.skipped += 1
             continue
@@ -446,7 +465,7 @@ def _build_pool(context: tuple[str, str, bool], items: list[tuple], write) -> di
 
 
 def _write_pool(
-    bench: BenchmarkWriter, name: str, part: _Part, images: Path, source: str, shard_size: int,
+    bench: BenchmarkWriter, name: str, part: _Part, images: _Images, source: str, shard_size: int,
     workers: int | None = None,
 ) -> dict[str, str]:
     """Write the pool shard set; returns did -> modality of every written candidate. A did repeated in the
@@ -466,7 +485,7 @@ def _write_pool(
             yield lineno, did, c.get("txt"), c.get("img_path")
 
     result = write_shard_set(
-        bench.pool_path(name), items(), partial(_build_pool, (part.path, str(images), part.strict)),
+        bench.pool_path(name), items(), partial(_build_pool, (part.path, images, part.strict)),
         shard_size=shard_size, mtime=input_mtime(part.path), source=source,
         converter="unimm.data.convert.mbeir eval", workers=workers, label=f"pool {name}",
         total=_count_lines(part.path),
@@ -479,7 +498,7 @@ def _write_pool(
     return modalities
 
 
-def _build_queries(context: tuple[str, str, str, str, bool], items: list[tuple], write) -> dict[str, Any]:
+def _build_queries(context: tuple[str, _Images, str, str, bool], items: list[tuple], write) -> dict[str, Any]:
     """Write the evaluation queries of one shard (runs in a conversion worker); accounting with ``columns``:
     (dataset, task, query modality, candidate modality) of every written query."""
     queries, images, qrels, pool_name, strict = context
@@ -487,7 +506,7 @@ def _build_queries(context: tuple[str, str, str, str, bool], items: list[tuple],
     columns = []
     for lineno, qid, key, q in items:
         where = f"{lineno} qid={qid}"
-        query = _read_side(q["query_txt"], q["query_img_path"], Path(images), part, where, "query")
+        query = _read_side(q["query_txt"], q["query_img_path"], images, part, where, "query")
         if query is None:
             part.skipped += 1
             continue
@@ -579,6 +598,7 @@ def convert_eval(
     strict: bool = False,
     shard_size: int = 1000,
     workers: int | None = None,
+    verify_images: str = DEFAULT_VERIFY,
 ) -> dict[str, Any]:
     """Add evaluation ``name`` to the benchmark folder ``out``; returns the report.
 
@@ -587,14 +607,16 @@ def convert_eval(
     (side ``query``; meta {"qid", "dataset", "dataset_id", "task", "task_id", "query_modality",
     "query_img_path", "pos_cand_list"}), ``qrels/<name>.txt`` (a copy) and the entry in
     benchmark.json. Queries whose positives are missing from the pool are kept (they count as misses, as in
-    UniIR) and reported.
+    UniIR) and reported. ``verify_images``: how image files are checked, ``"structure"`` or ``"decode"``
+    (:mod:`unimm.data.image_files`); part of what identifies the pool and the queries (a pool written at the
+    other level is written again).
     """
     start = time.perf_counter()
-    images, out, pool = Path(images), Path(out), Path(pool)
+    images, out, pool = _Images(images, verify_images), Path(out), Path(pool)
     pool_name = pool_name or pool.stem
     bench = BenchmarkWriter(out)
     pool_part, query_part = _Part(pool, strict), _Part(queries, strict)
-    source = _pool_source(pool, images)
+    source = _pool_source(pool, Path(images.root), verify_images)
     relevant = read_qrels(qrels)  # a malformed qrels file fails here, before the long pool conversion
     modalities = _reusable_pool(bench.pool_path(pool_name), source)
     reused = modalities is not None
@@ -632,8 +654,8 @@ def convert_eval(
 
     result = write_shard_set(
         bench.queries_path(name), items(),
-        partial(_build_queries, (str(queries), str(images), str(qrels), pool_name, strict)),
-        shard_size=shard_size, mtime=input_mtime(queries), source=f"M-BEIR queries {_file_id(Path(queries))}",
+        partial(_build_queries, (str(queries), images, str(qrels), pool_name, strict)),
+        shard_size=shard_size, mtime=input_mtime(queries), source=_queries_source(queries, verify_images),
         converter="unimm.data.convert.mbeir eval", workers=workers, label=f"queries {name}",
         total=_count_lines(queries),
     )
@@ -655,6 +677,7 @@ def convert_eval(
         "mode": "eval",
         "out": str(out),
         "strict": strict,
+        "verify_images": verify_images,
         "seconds": round(time.perf_counter() - start, 2),
         "qrels": str(qrels),
         "queries": query_part.as_dict(),
@@ -732,6 +755,7 @@ def convert_all(
     strict: bool = False,
     shard_size: int = 1000,
     workers: int | None = None,
+    verify_images: str = DEFAULT_VERIFY,
 ) -> dict[str, Any]:
     """Prepare the whole M-BEIR benchmark from the official release folder ``root`` into ``out``:
 
@@ -744,9 +768,11 @@ def convert_all(
     ``only``: a subset of ``train`` and evaluation names. Every input file is checked before anything is
     written (a missing one is named). A part already converted from the same files (same size and mtime) is
     skipped, and an interrupted part resumes where it stopped, so the command can simply be run again.
-    Returns ``{part: report or "already converted"}``.
+    ``verify_images``: how image files are checked (:mod:`unimm.data.image_files`); a part converted at the
+    other level is converted again. Returns ``{part: report or "already converted"}``.
     """
     root, out = Path(root), Path(out)
+    check_verify(verify_images)
     names = [e[0] for e in LOCAL_EVALUATIONS]
     wanted = list(only) if only else ["train", *names]
     unknown = [w for w in wanted if w != "train" and w not in names]
@@ -762,10 +788,11 @@ def convert_all(
     if "train" in parts:
         queries, pool = (root / f for f in parts.pop("train"))
         train_out = out / "train" / "union_up"
-        if _already_converted(train_out, f"M-BEIR queries {_file_id(queries)} pool {_file_id(pool)}"):
+        if _already_converted(train_out, _train_source(queries, pool, verify_images)):
             reports["train"] = "already converted"
         else:
-            reports["train"] = convert_train(queries, pool, root, train_out, strict, shard_size, workers)
+            reports["train"] = convert_train(queries, pool, root, train_out, strict, shard_size, workers,
+                                             verify_images)
         if (root / INSTRUCTIONS).is_file():
             (out / "instructions").mkdir(parents=True, exist_ok=True)
             shutil.copyfile(root / INSTRUCTIONS, out / INSTRUCTIONS)
@@ -776,12 +803,13 @@ def convert_all(
             continue
         queries, pool, qrels = (root / f for f in parts[name])
         pool_name = pool.stem
-        if (name in done and _already_converted(bench / "queries" / name, f"M-BEIR queries {_file_id(queries)}")
-                and _already_converted(bench / "pools" / pool_name, _pool_source(pool, root))):
+        if (name in done and _already_converted(bench / "queries" / name, _queries_source(queries, verify_images))
+                and _already_converted(bench / "pools" / pool_name, _pool_source(pool, root, verify_images))):
             reports[name] = "already converted"
             continue
         reports[name] = convert_eval(name, queries, pool, qrels, root, bench, pool_name=pool_name, ks=ks,
-                                     report_k=report_k, strict=strict, shard_size=shard_size, workers=workers)
+                                     report_k=report_k, strict=strict, shard_size=shard_size, workers=workers,
+                                     verify_images=verify_images)
     for part, report in reports.items():
         if report == "already converted":
             print(f"[{part}] already converted from the same files: kept")

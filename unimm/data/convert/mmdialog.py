@@ -16,8 +16,9 @@ are not given (UNIMUR's ``eval_mmdialog.py`` is not public: this is our choice).
 
 Output: pools ``mmdialog_images`` (every usable image once, ``did`` = media key) and ``mmdialog_texts`` (every
 distinct candidate text once, ``did`` = ``t`` + 16 hex digits of its SHA-1); evaluations
-``mmdialog_image_response`` and ``mmdialog_text_response``. Skips (missing or broken images, empty texts,
-conversations without any context) are counted in ``<out>/convert_report.json``.
+``mmdialog_image_response`` and ``mmdialog_text_response``. Skips (missing or broken images, checked at
+``--verify-images`` level (:mod:`unimm.data.image_files`), empty texts, conversations without any context) are
+counted in ``<out>/convert_report.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from collections import Counter
 from pathlib import Path
 
 from unimm.data.benchmark import BenchmarkWriter
-from unimm.data.convert.cc3m import REPORT_FILE, check_image
+from unimm.data.convert.cc3m import REPORT_FILE
+from unimm.data.image_files import DEFAULT_VERIFY, add_verify_argument, check_image, check_verify
 from unimm.data.records import Item, make_sample
 
 IMAGE_EVAL, TEXT_EVAL = "mmdialog_image_response", "mmdialog_text_response"
@@ -52,7 +54,9 @@ def text_id(text: str) -> str:
     return "t" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
-def convert_mmdialog(split_dir: str | Path, out: str | Path, max_context: int = 16, shard_size: int = 1000) -> dict:
+def convert_mmdialog(split_dir: str | Path, out: str | Path, max_context: int = 16, shard_size: int = 1000,
+                     verify_images: str = DEFAULT_VERIFY) -> dict:
+    check_verify(verify_images)
     split_dir = Path(split_dir)
     conversations = read_conversations(split_dir / "conversations.json")
     skipped: Counter = Counter()
@@ -61,9 +65,9 @@ def convert_mmdialog(split_dir: str | Path, out: str | Path, max_context: int = 
 
     def image(key: str) -> bytes | None:
         if key not in images:
-            data, reason = check_image(split_dir / f"{key}.jpg")
-            if reason:
-                skipped[f"candidate_{reason}"] += 1
+            data, error = check_image(split_dir / f"{key}.jpg", verify_images)
+            if error:
+                skipped[f"candidate_{error.reason}"] += 1
                 return None
             images[key] = data
         return images[key]
@@ -129,7 +133,7 @@ def convert_mmdialog(split_dir: str | Path, out: str | Path, max_context: int = 
     kept = {response for qs in queries.values() for _, response, _, _ in qs}
     report = {"file": str(split_dir / "conversations.json"), "lines": len(conversations), "kept": len(kept),
               "image_queries": len(queries[IMAGE_EVAL]), "text_queries": len(queries[TEXT_EVAL]),
-              "skipped": dict(skipped)}
+              "skipped": dict(skipped), "verify_images": verify_images}
     (Path(out) / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     print(f"[mmdialog] {len(conversations)} conversations, {len(kept)} kept ({report['image_queries']} image and "
           f"{report['text_queries']} text response elements), skipped {dict(skipped)}")
@@ -141,8 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split-dir", required=True, help="MMDialog test/ (or valid/) folder")
     parser.add_argument("--out", required=True)
     parser.add_argument("--max-context", type=int, default=16)
+    add_verify_argument(parser)
     args = parser.parse_args(argv)
-    convert_mmdialog(args.split_dir, args.out, args.max_context)
+    convert_mmdialog(args.split_dir, args.out, args.max_context, verify_images=args.verify_images)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ hash of the pair, as VLM2Vec encodes unique pairs), queries ``D`` (meta ``candid
 order, positive first) and qrels (the positive). A row whose query or positive cannot be read is skipped; a
 negative whose image is missing is dropped from its row (the row is kept: the score stays comparable only if
 there are few; the count is in ``convert_report.json``). ``--strict`` stops at the first problem instead.
+Images are checked at the ``--verify-images`` level (:mod:`unimm.data.image_files`).
 Each evaluation records the most common modality of its queries and of its pool (``query_modality``,
 ``cand_modality``): the MMEB evaluator groups datasets by that (query, target) pair, as UniMoCo's table.
 """
@@ -21,13 +22,21 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 from collections import Counter
 from functools import partial
 from pathlib import Path
 
 from unimm.data.benchmark import BenchmarkWriter
-from unimm.data.convert.cc3m import REPORT_FILE, check_image
+from unimm.data.convert.cc3m import REPORT_FILE
 from unimm.data.convert.parallel import input_mtime, parallel_map, write_shard_set
+from unimm.data.image_files import (
+    DEFAULT_VERIFY,
+    ImageFileError,
+    add_verify_argument,
+    check_image,
+    check_verify,
+)
 from unimm.data.records import IMAGE_EXTS, make_sample
 
 # The 36 MMEB datasets by meta-task, in the order of VLM2Vec's table; IND = also in MMEB-train.
@@ -70,28 +79,35 @@ def modality(pairs: list[tuple[str, str]]) -> str:
     return kinds.most_common(1)[0][0]
 
 
-def _check(images: str, rel: str) -> tuple[bytes | None, str | None]:
-    """(bytes, None) of a readable image, (None, reason) otherwise (runs in a conversion worker)."""
-    return check_image(Path(images) / rel) if image_format(rel) in IMAGE_EXTS else (None, "unsupported_image_format")
+def _check(images: str, verify: str, rel: str) -> tuple[bytes | None, ImageFileError | None]:
+    """(bytes, None) of a usable image, (None, error) otherwise; ``error.reason`` is ``missing_image``,
+    ``bad_image`` or ``unsupported_image_format`` (runs in a conversion worker)."""
+    path = os.path.join(images, rel)
+    if image_format(rel) not in IMAGE_EXTS:
+        return None, ImageFileError("unsupported_image_format", path, f"not one of {', '.join(IMAGE_EXTS)}")
+    return check_image(path, verify)
 
 
 def convert_dataset(name: str, rows: list[dict], images: Path, bench: BenchmarkWriter, strict: bool = False,
-                    shard_size: int = 1000, workers: int | None = None) -> dict:
+                    shard_size: int = 1000, workers: int | None = None, verify_images: str = DEFAULT_VERIFY) -> dict:
     """Write pool, queries and qrels of one MMEB dataset into ``bench``; returns its skip counts.
 
-    Every image the rows name is read and checked first, in ``workers`` processes (default: the cores)."""
+    Every image the rows name is read and checked first (at level ``verify_images``), in ``workers`` processes
+    (default: the cores)."""
     skipped: Counter = Counter()
     paths = sorted({p for row in rows for p in [row["qry_img_path"], *(row["tgt_img_path"] or [])] if p})
-    cache: dict[str, tuple[bytes | None, str | None]] = dict(
-        zip(paths, parallel_map(partial(_check, str(images)), paths, workers, label=f"{name} images")))
+    check = partial(_check, str(images), verify_images)
+    cache: dict[str, tuple[bytes | None, ImageFileError | None]] = dict(
+        zip(paths, parallel_map(check, paths, workers, label=f"{name} images")))
 
-    def image(rel: str, where: str) -> tuple[bytes | None, str | None]:
+    def image(rel: str, where: str) -> str | None:
+        """The reason an image cannot be used, or None."""
         if rel not in cache:
-            cache[rel] = _check(str(images), rel)
-        data, reason = cache[rel]
-        if reason and strict:
-            raise MMEBError(f"{name} {where}: image {images / rel}: {reason}")
-        return data, reason
+            cache[rel] = check(rel)
+        error = cache[rel][1]
+        if error and strict:
+            raise MMEBError(f"{name} {where}: {error.reason}: {error}")
+        return error.reason if error else None
 
     pool: dict[str, tuple[str, str]] = {}
     queries = []
@@ -103,13 +119,14 @@ def convert_dataset(name: str, rows: list[dict], images: Path, bench: BenchmarkW
             skipped["malformed_row"] += 1
             continue
         query_path = row["qry_img_path"] or ""
-        if query_path and image(query_path, f"row {index} query")[1]:
-            skipped[f"query_image_{cache[query_path][1]}"] += 1
+        reason = image(query_path, f"row {index} query") if query_path else None
+        if reason:
+            skipped[f"query_image_{reason}"] += 1
             continue
         candidates = []
         for j, (text, path) in enumerate(zip(texts, paths)):
             text, path = text or "", path or ""
-            if path and image(path, f"row {index} candidate {j}")[1]:
+            if path and image(path, f"row {index} candidate {j}"):
                 if j == 0:
                     break
                 skipped["negative_dropped"] += 1
@@ -140,15 +157,18 @@ def convert_dataset(name: str, rows: list[dict], images: Path, bench: BenchmarkW
                          query_modality=modality([(t, p) for _, t, p, _ in queries]) if queries else "text",
                          cand_modality=modality(list(pool.values())) if pool else "text", pool=name,
                          ks=(1,), report_k=1)
-    return {"rows": len(rows), "kept": len(queries), "skipped": dict(skipped)}
+    return {"rows": len(rows), "kept": len(queries), "skipped": dict(skipped), "verify_images": verify_images}
 
 
 def convert_mmeb(root: str | Path, images: str | Path, out: str | Path, datasets: list[str] | None = None,
-                 strict: bool = False, shard_size: int = 1000, workers: int | None = None) -> dict:
+                 strict: bool = False, shard_size: int = 1000, workers: int | None = None,
+                 verify_images: str = DEFAULT_VERIFY) -> dict:
     """Convert the dataset folders under ``root`` (default: every folder that holds data files).
 
-    Returns the report also written to ``<out>/convert_report.json``.
+    Returns the report also written to ``<out>/convert_report.json``. ``verify_images``: how image files are
+    checked (:mod:`unimm.data.image_files`).
     """
+    check_verify(verify_images)
     root, images = Path(root), Path(images)
     names = datasets or sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
                                and any(f.suffix in (".parquet", ".jsonl", ".json") for f in p.iterdir()))
@@ -156,7 +176,7 @@ def convert_mmeb(root: str | Path, images: str | Path, out: str | Path, datasets
     report = {}
     for name in names:
         report[name] = convert_dataset(name, read_rows_fields(root / name, EVAL_FIELDS), images, bench, strict,
-                                       shard_size, workers)
+                                       shard_size, workers, verify_images)
         if name not in META_TASK_OF:
             report[name]["note"] = "not one of the 36 MMEB datasets: reported under meta-task 'other'"
         print(f"[mmeb] {name}: {report[name]}")
@@ -168,16 +188,18 @@ def convert_mmeb(root: str | Path, images: str | Path, out: str | Path, datasets
 TRAIN_FIELDS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 
 
-def _build_train(images: str, items: list[tuple], write) -> dict:
-    """Write the MMEB-train records of one shard (runs in a conversion worker); returns its counts."""
+def _build_train(context: tuple[str, str], items: list[tuple], write) -> dict:
+    """Write the MMEB-train records of one shard (runs in a conversion worker); returns its counts.
+    ``context``: (image folder, verification level)."""
+    images, verify = context
     skipped: Counter = Counter()
 
     def side(text: str | None, path: str | None) -> tuple[str | None, bytes | None] | None:
         if not path:
             return text or None, None
-        data, reason = check_image(Path(images) / path) if image_format(path) in IMAGE_EXTS else (None, "unsupported")
-        if reason:
-            skipped[f"image_{reason}"] += 1
+        data, error = _check(images, verify, path)
+        if error:
+            skipped[f"image_{error.reason}"] += 1
             return None
         return text or None, data
 
@@ -198,7 +220,8 @@ def _build_train(images: str, items: list[tuple], write) -> dict:
 
 
 def convert_mmeb_train(root: str | Path, images: str | Path, out: str | Path, datasets: list[str],
-                       per_dataset: int | None = None, shard_size: int = 1000, workers: int | None = None) -> dict:
+                       per_dataset: int | None = None, shard_size: int = 1000, workers: int | None = None,
+                       verify_images: str = DEFAULT_VERIFY) -> dict:
     """MMEB-train (``<root>/<Dataset>/*.parquet`` with ``qry``, ``qry_image_path``, ``pos_text``,
     ``pos_image_path``) -> one training shard set (sides ``query`` and ``pos``), datasets interleaved row by row.
 
@@ -206,8 +229,10 @@ def convert_mmeb_train(root: str | Path, images: str | Path, out: str | Path, da
     50K). Negatives (``neg_text``/``neg_image_path``) are not written: VLM2Vec v1 reads them but never uses them.
     Rows with an unreadable image are skipped and counted in ``<out>/convert_report.json``. ``workers``
     processes read the images and write the shards (default: the cores); the output is the same bytes whatever
-    their number and an interrupted run resumes (:mod:`unimm.data.convert.parallel`).
+    their number and an interrupted run resumes (:mod:`unimm.data.convert.parallel`). ``verify_images``: how
+    image files are checked (:mod:`unimm.data.image_files`); part of what identifies the conversion.
     """
+    check_verify(verify_images)
     root, images, out = Path(root), Path(images), Path(out)
     tables = {}
     for name in datasets:
@@ -216,16 +241,16 @@ def convert_mmeb_train(root: str | Path, images: str | Path, out: str | Path, da
     items = [(name, index, rows[index]) for index in range(max(len(rows) for rows in tables.values()))
              for name, rows in tables.items() if index < len(rows)]
     files = [f for name in datasets for f in _data_files(root / name)]
-    source = f"{root} datasets={','.join(datasets)} per_dataset={per_dataset} " + " ".join(
-        f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-    result = write_shard_set(out, items, partial(_build_train, str(images)), shard_size=shard_size,
+    source = f"{root} datasets={','.join(datasets)} per_dataset={per_dataset} verify_images={verify_images} " + (
+        " ".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files))
+    result = write_shard_set(out, items, partial(_build_train, (str(images), verify_images)), shard_size=shard_size,
                              mtime=input_mtime(*files), source=source, converter="mmeb_train", workers=workers,
                              label=f"mmeb_train {len(datasets)} datasets", total=len(items))
     skipped: Counter = Counter()
     for accounting in result.accounting:
         skipped.update(accounting["skipped"])
     report = {"datasets": {n: len(r) for n, r in tables.items()}, "kept": result.total, "skipped": dict(skipped),
-              "resumed_shards": result.resumed_shards}
+              "resumed_shards": result.resumed_shards, "verify_images": verify_images}
     (out / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     print(f"[mmeb_train] {report}")
     return report
@@ -261,7 +286,8 @@ VQA = ("OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W")
 
 
 def convert_all(root: str | Path, out: str | Path, only: list[str] | None = None, per_dataset: int | None = 100000,
-                strict: bool = False, shard_size: int = 1000, workers: int | None = None) -> dict:
+                strict: bool = False, shard_size: int = 1000, workers: int | None = None,
+                verify_images: str = DEFAULT_VERIFY) -> dict:
     """Prepare MMEB in one command from ``root`` holding ``MMEB-eval/`` (with ``eval_images/``) and
     ``MMEB-train/`` (with ``images/``): ``out/mmeb`` (the 36 evaluations, ``eval=mmeb``), ``out/mmeb_train``
     (the 20 IND training sets, first ``per_dataset`` rows each: VLM2Vec 100000, UniMoCo 50000) and
@@ -269,6 +295,7 @@ def convert_all(root: str | Path, out: str | Path, only: list[str] | None = None
     Every input folder is checked before anything is written. Returns ``{part: report}``.
     """
     root, out = Path(root), Path(out)
+    check_verify(verify_images)
     parts = {"eval": (EVAL_DIR, EVAL_IMAGES), "train": (TRAIN_DIR, TRAIN_IMAGES), "vqa": (TRAIN_DIR, TRAIN_IMAGES)}
     wanted = list(only) if only else list(parts)
     unknown = [w for w in wanted if w not in parts]
@@ -286,13 +313,13 @@ def convert_all(root: str | Path, out: str | Path, only: list[str] | None = None
     reports = {}
     if "eval" in wanted:
         reports["eval"] = convert_mmeb(root / EVAL_DIR, root / EVAL_IMAGES, out / "mmeb", None, strict, shard_size,
-                                       workers)
+                                       workers, verify_images)
     if "train" in wanted:
         reports["train"] = convert_mmeb_train(root / TRAIN_DIR, root / TRAIN_IMAGES, out / "mmeb_train",
-                                              sorted(IND), per_dataset, shard_size, workers)
+                                              sorted(IND), per_dataset, shard_size, workers, verify_images)
     if "vqa" in wanted:
         reports["vqa"] = convert_mmeb_train(root / TRAIN_DIR, root / TRAIN_IMAGES, out / "mmeb_vqa", list(VQA),
-                                            None, shard_size, workers)
+                                            None, shard_size, workers, verify_images)
     return reports
 
 
@@ -317,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     for sub in (evaluation, train, everything):
         sub.add_argument("--workers", type=int, default=None,
                          help="processes that read the images (default: the cores); the same bytes whatever the number")
+        add_verify_argument(sub)
     for sub in (evaluation, train):
         sub.add_argument("--root", required=True, help="folder with one sub-folder of parquet/JSON per dataset")
         sub.add_argument("--images", required=True, help="folder the image paths of the rows are relative to")
@@ -329,12 +357,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.mode == "all":
-            convert_all(args.root, args.out, args.only, args.per_dataset, args.strict, args.shard_size, args.workers)
+            convert_all(args.root, args.out, args.only, args.per_dataset, args.strict, args.shard_size, args.workers,
+                        args.verify_images)
         elif args.mode == "eval":
-            convert_mmeb(args.root, args.images, args.out, args.datasets, args.strict, args.shard_size, args.workers)
+            convert_mmeb(args.root, args.images, args.out, args.datasets, args.strict, args.shard_size, args.workers,
+                         args.verify_images)
         else:
             convert_mmeb_train(args.root, args.images, args.out, args.datasets, args.per_dataset, args.shard_size,
-                               args.workers)
+                               args.workers, args.verify_images)
     except (MMEBError, FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
 

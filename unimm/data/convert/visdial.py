@@ -13,7 +13,8 @@ Benchmark (``unimm.data.benchmark`` layout), per round r:
 - ``visdial_i2d_r{r}``: image -> dialogue over the pool ``visdial_dialogs_r{r}`` (what FROMAGe's script computes:
   its ``scores`` are images x dialogues with top-k per image row).
 
-Dialogues whose image is missing or broken are skipped and counted in ``<out>/convert_report.json``.
+Dialogues whose image is missing or broken (checked at ``--verify-images`` level, :mod:`unimm.data.image_files`)
+are skipped and counted in ``<out>/convert_report.json``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from collections import Counter
 from pathlib import Path
 
 from unimm.data.benchmark import BenchmarkWriter
-from unimm.data.convert.cc3m import REPORT_FILE, check_image
+from unimm.data.convert.cc3m import REPORT_FILE
+from unimm.data.image_files import DEFAULT_VERIFY, add_verify_argument, check_image, check_verify
 from unimm.data.records import Item, make_sample
 
 ROUNDS = tuple(range(1, 11))
@@ -38,7 +40,9 @@ def dialogue_text(questions: list[str], answers: list[str], turns: list[dict], r
 
 
 def convert_visdial(json_path: str | Path, image_dir: str | Path, out: str | Path, rounds=ROUNDS,
-                    split: str = "val2018", caption: bool = False, shard_size: int = 1000) -> dict:
+                    split: str = "val2018", caption: bool = False, shard_size: int = 1000,
+                    verify_images: str = DEFAULT_VERIFY) -> dict:
+    check_verify(verify_images)
     data = json.loads(Path(json_path).read_text())["data"]
     questions, answers, dialogs = data["questions"], data["answers"], data["dialogs"]
     image_dir = Path(image_dir)
@@ -46,9 +50,9 @@ def convert_visdial(json_path: str | Path, image_dir: str | Path, out: str | Pat
     kept = []  # (did, image bytes, dialog)
     for dialog in dialogs:
         name = f"VisualDialog_{split}_{int(dialog['image_id']):012d}.jpg"
-        image, reason = check_image(image_dir / name)
-        if reason:
-            skipped[reason] += 1
+        image, error = check_image(image_dir / name, verify_images)
+        if error:
+            skipped[error.reason] += 1
             continue
         kept.append((str(dialog["image_id"]), image, dialog))
     bench = BenchmarkWriter(out, name="visdial")
@@ -79,7 +83,8 @@ def convert_visdial(json_path: str | Path, image_dir: str | Path, out: str | Pat
         bench.add_evaluation(i2d, dataset="visdial", task=f"i2d_r{r}", query_modality="image",
                              cand_modality="text", pool=pool)
     bench.save()
-    report = {"file": str(json_path), "lines": len(dialogs), "kept": len(kept), "skipped": dict(skipped)}
+    report = {"file": str(json_path), "lines": len(dialogs), "kept": len(kept), "skipped": dict(skipped),
+              "verify_images": verify_images}
     (Path(out) / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     print(f"[visdial] {len(dialogs)} dialogues, {len(kept)} kept, skipped {dict(skipped)}")
     return report
@@ -91,8 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", required=True, help="VisualDialog_val2018 folder")
     parser.add_argument("--out", required=True)
     parser.add_argument("--caption", action="store_true", help="prefix the VisDial caption to each dialogue")
+    add_verify_argument(parser)
     args = parser.parse_args(argv)
-    convert_visdial(args.json, args.images, args.out, caption=args.caption)
+    convert_visdial(args.json, args.images, args.out, caption=args.caption, verify_images=args.verify_images)
 
 
 if __name__ == "__main__":
