@@ -88,16 +88,27 @@ class TarWriter:
     at a fraction of its cost per member: the ustar header of a short ASCII member name is filled in directly
     instead of through :mod:`tarfile`'s TarInfo copy and pax checks (which took more time than reading and
     verifying a small JPEG). Other names go through tarfile's own header code (pax, as webdataset writes them).
+
+    The file is written through a 1 MiB buffer: one system call per ~200 small records instead of one or two
+    per record.
     """
 
+    BUFFER = 1 << 20
+
     def __init__(self, path: str, mtime: int, user: str = "bigdata", group: str = "bigdata", mode: int = 0o444):
-        self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self._file = open(path, "wb", buffering=self.BUFFER)  # noqa: SIM115 - closed by close()
         self._written = 0
         self.mtime, self.user, self.group, self.mode = int(mtime), user, group, mode
-        # the header fields after the name that never change: mode, uid, gid (size, mtime and checksum vary)
-        self._ids = b"%07o\0" % (mode & 0o7777) + b"0000000\0" * 2
+        # ustar header: name[100] mode[8] uid[8] gid[8] size[12] mtime[12] chksum[8] typeflag[1] linkname[100]
+        # magic+version[8] uname[32] gname[32] devmajor[8] devminor[8] prefix[155] padding[12]; only the name,
+        # the size and the checksum vary between members
+        self._ids = b"%07o\0" % (mode & 0o7777) + b"0000000\0" * 2  # mode, uid, gid
         self._mtime = b"%011o\0" % self.mtime
-        self._owner = user.encode().ljust(32, b"\0") + group.encode().ljust(32, b"\0")
+        self._rest = b"".join((b"0", bytes(100), tarfile.POSIX_MAGIC, user.encode().ljust(32, b"\0"),
+                               group.encode().ljust(32, b"\0"))).ljust(tarfile.BLOCKSIZE - 156, b"\0")
+        # the checksum is the sum of the header's bytes with its own field as 8 spaces: the constant fields' part
+        self._constant_sum = sum(self._ids) + sum(self._mtime) + 8 * ord(" ") + sum(self._rest)
+        self._chksum_format = b"%06o\0 "  # six octal digits, NUL, and the last space left as it was
 
     def _header(self, name: str, size: int) -> bytes:
         raw = name.encode("utf-8", "surrogateescape")
@@ -105,10 +116,10 @@ class TarWriter:
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode, info.uname, info.gname = size, self.mtime, self.mode, self.user, self.group
             return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-        header = b"".join((raw.ljust(100, b"\0"), self._ids, b"%011o\0" % size, self._mtime, b"        0",
-                           bytes(100), tarfile.POSIX_MAGIC, self._owner)).ljust(tarfile.BLOCKSIZE, b"\0")
-        checksum = sum(header)  # the checksum field counts as 8 spaces, as it holds now
-        return header[:148] + b"%06o\0" % checksum + header[155:]
+        size_field = b"%011o\0" % size
+        checksum = self._constant_sum + sum(raw) + sum(size_field)
+        return b"".join((raw.ljust(100, b"\0"), self._ids, size_field, self._mtime,
+                         self._chksum_format % checksum, self._rest))
 
     def write(self, sample: dict[str, Any]) -> None:
         key = sample["__key__"]
