@@ -1,7 +1,8 @@
 """M-BEIR conversion with 2 workers vs 1 worker, and vs `cp -r` of the same corpus (issue 17, item 3).
 
 The corpus is in the M-BEIR layout: a candidate pool JSONL of N image+text candidates (64x64 JPEGs, one file
-each, as the data-loader benchmark), a few queries and their qrels. Timed, from a warm page cache, in one run:
+each, as the data-loader benchmark; ``--photos 500x375``: real photographs of that size, whose bytes
+dominate as in M-BEIR), a few queries and their qrels. Timed, from a warm page cache, in one run:
 ``cp -r`` of the corpus folder, ``convert mbeir eval`` with ``--workers 1`` and with ``--workers 2`` (pool +
 queries + qrels + benchmark.json) at the image verification level ``--verify`` (default ``structure``), and
 with ``--workers 2`` at ``decode`` (each image decoded by PIL, the thorough level). Prints one JSON line with
@@ -16,7 +17,7 @@ ratios use the fastest run: creating 20,000 files took 1.0 to 9.9 s back to back
 damaged copies per kind of damage of real photos (scikit-image's astronaut, coffee, chelsea and rocket, at most
 512 px, as baseline JPEG, progressive JPEG and PNG), and the time per image of each level.
 
-    python experiments/benchmarks/bench_convert.py [--n 20000] [--workers 2] [--verify structure]
+    python experiments/benchmarks/bench_convert.py [--n 20000] [--workers 2] [--verify structure] [--photos 500x375]
     python experiments/benchmarks/bench_convert.py --catch-rates
 """
 
@@ -43,15 +44,38 @@ from unimm.data.convert import mbeir  # noqa: E402
 from unimm.data.image_files import VERIFY_LEVELS, ImageFileError, check_image_bytes  # noqa: E402
 
 
-def make_corpus(root: Path, n: int) -> None:
+def photo_jpegs(width: int, height: int, variants: int = 70) -> list[bytes]:
+    """JPEGs (quality 90) of scikit-image's photographs at ``width x height``, each variant a shifted crop."""
+    from skimage import data
+
+    photos = [getattr(data, name)() for name in ("astronaut", "chelsea", "coffee", "rocket", "camera")]
+    photos = [np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3] for a in photos]
+    out = []
+    for v in range(variants):
+        a = photos[v % len(photos)]
+        shift = 4 * (v // len(photos))
+        image = Image.fromarray(a[shift:, shift:]).resize((width, height), Image.BICUBIC)
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def make_corpus(root: Path, n: int, photo_size: tuple[int, int] | None = None) -> None:
+    """``photo_size``: real photographs of that size (a few variants, repeated); None: 64x64 noise JPEGs."""
     rng = np.random.default_rng(0)
+    photos = photo_jpegs(*photo_size) if photo_size else None
     images = root / "mbeir_images" / "bench"
     images.mkdir(parents=True)
     pool, queries, qrels = [], [], []
     for i in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
-        (images / f"{i:07d}.jpg").write_bytes(buf.getvalue())
+        if photos:
+            data = photos[i % len(photos)]
+        else:
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+            data = buf.getvalue()
+        (images / f"{i:07d}.jpg").write_bytes(data)
         pool.append({"did": f"9:{i}", "txt": f"a photo number {i} of something", "modality": "image,text",
                      "img_path": f"mbeir_images/bench/{i:07d}.jpg"})
     for q in range(100):
@@ -155,6 +179,9 @@ def main() -> None:
                         "is timed as well)")
     parser.add_argument("--catch-rates", action="store_true", help="measure what each verification level catches")
     parser.add_argument("--cp-runs", type=int, default=3, help="cp -r runs; the ratios use the fastest (default 3)")
+    parser.add_argument("--photos", metavar="WxH", default=None,
+                        help="candidate images: real photographs of this size (e.g. 500x375, about 50 KB each) "
+                        "instead of 64x64 noise JPEGs")
     args = parser.parse_args()
     if args.catch_rates:
         print(json.dumps(catch_rates()))
@@ -162,7 +189,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         corpus = tmp / "M-BEIR"
-        make_corpus(corpus, args.n)
+        photo_size = tuple(int(v) for v in args.photos.lower().split("x")) if args.photos else None
+        make_corpus(corpus, args.n, photo_size)
+        corpus_mb = round(sum(f.stat().st_size for f in corpus.rglob("*") if f.is_file()) / 2**20)
         subprocess.run(["cp", "-r", str(corpus), str(tmp / "warm")], check=True)  # warm the page cache
         shutil.rmtree(tmp / "warm")
         copies = []  # (wall s, CPU s) of each cp -r
@@ -180,7 +209,8 @@ def main() -> None:
     w = args.workers
     idle_s = max(many_main, many_workers / w, (many_main + many_workers) / len(os.sched_getaffinity(0)))
     print(json.dumps({
-        "records": args.n, "cores": len(os.sched_getaffinity(0)), "load_avg_1min": os.getloadavg()[0],
+        "records": args.n, "images": args.photos or "64x64 noise",
+        "corpus_mb": corpus_mb, "cores": len(os.sched_getaffinity(0)), "load_avg_1min": os.getloadavg()[0],
         "verify_images": args.verify,
         "cp_r_s": round(copy_s, 2), "cp_r_runs_s": [round(c[0], 2) for c in copies], "convert_1_worker_s": round(one_s, 2), f"convert_{w}_workers_s": round(many_s, 2),
         "records_per_s_1": round(args.n / one_s), f"records_per_s_{w}": round(args.n / many_s),
