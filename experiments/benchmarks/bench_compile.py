@@ -85,12 +85,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--models", default="uniir_clip_sf_tiny,vlmo_tiny")
+    parser.add_argument("--recompile-limit", type=int, default=CompileSettings.recompile_limit,
+                        help="model.compile.recompile_limit (graphs per block function before eager)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench_compile_"))
     for experiment in args.models.split(","):
         eager, compiled, batches = build(experiment, root, args.steps)
         started = time.perf_counter()
-        compiled.compile_settings = CompileSettings(enabled=True, backend="inductor", fallback=False)
+        compiled.compile_settings = CompileSettings(enabled=True, backend="inductor", fallback=False,
+                                                   recompile_limit=args.recompile_limit)
         compiled.configure_model()
         check = first_step_difference(eager, compiled, batches[0])  # the first compiled call pays for compilation
         compile_seconds = time.perf_counter() - started
@@ -99,7 +102,8 @@ def main() -> None:
         print(json.dumps({"model": experiment, "eager_steps_per_s": round(eager_rate, 2),
                           "compiled_steps_per_s": round(compiled_rate, 2), "ratio": round(compiled_rate / eager_rate, 3),
                           "compile_s": round(compile_seconds, 1), **{k: float(f"{v:.2e}") for k, v in check.items()},
-                          "threads": torch.get_num_threads()}), flush=True)
+                          "threads": torch.get_num_threads(),
+                          "recompile_limit": args.recompile_limit}), flush=True)
 
 
 if __name__ == "__main__":
