@@ -132,3 +132,12 @@ def test_collators_hint_their_sides_and_the_processor_resize():
         image_processor = type("P", (), {"size": {"longest_edge": 1344}})()
 
     assert processor_resize_target(Tiling()) is None  # VLM tiling: full decode
+
+    def hf(**settings):
+        return type("P", (), {"size": {"shortest_edge": 224}, **settings})()
+
+    # PIL's NEAREST is 0: kept, not mistaken for "unset" (which is bicubic)
+    assert processor_resize_target(hf(resample=Image.NEAREST)).resample == Image.NEAREST
+    assert processor_resize_target(hf()).resample == Image.BICUBIC
+    assert processor_resize_target(hf(resample="bicubic")) is None  # not a PIL filter: exact decode
+    assert processor_resize_target(hf(do_resize=False)) is None

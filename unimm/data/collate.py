@@ -41,7 +41,10 @@ def processor_resize_target(processor) -> ResizeTarget | None:
     size = getattr(image_processor, "size", None)
     if size is None or not getattr(image_processor, "do_resize", True):
         return None
-    resample = int(getattr(image_processor, "resample", None) or Image.Resampling.BICUBIC)
+    resample = getattr(image_processor, "resample", None)
+    resample = Image.Resampling.BICUBIC if resample is None else resample
+    if not isinstance(resample, int):  # a torchvision InterpolationMode (HF fast processors): not PIL's filter
+        return None
     if isinstance(size, int) and not isinstance(size, bool):
         return ResizeTarget(shortest_edge=size, resample=resample)
     # a dict, or transformers' SizeDict (attributes, None when unset)
