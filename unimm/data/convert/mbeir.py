@@ -361,9 +361,7 @@ def _queries_source(queries: str | os.PathLike, verify_images: str) -> str:
 
 def _pool_source(pool: Path, images: Path, verify_images: str) -> str:
     """Same pool file (path, size, mtime), same image root and same verification level means same shards."""
-    st = pool.stat()
-    return (f"M-BEIR pool {pool.resolve()} size={st.st_size} mtime_ns={st.st_mtime_ns} images={images.resolve()}"
-            f" verify_images={verify_images}")
+    return f"M-BEIR pool {_file_id(pool)} images={images.resolve()} verify_images={verify_images}"
 
 
 def convert_train(
