@@ -121,6 +121,13 @@ def test_record_of_a_real_evaluation(toy_data_dir, tmp_path):
         "unimm.eval.retrieval.RetrievalEvaluator", "eval", ["toy_t2i"])
     assert "grid_queries" not in settings  # changes no number
     assert rec["eval_settings_hash"] == hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    # reduced-size decoding (data.collator.reduced_decode) gives other pixels: another settings cell
+    from omegaconf import OmegaConf
+
+    OmegaConf.update(cfg, "data.collator.reduced_decode", True, force_add=True)
+    approximate = json.loads(record_results(metrics, evaluator, tmp_path / "run3", cfg=cfg, module=model).read_text())
+    assert approximate["eval_settings"] == {**settings, "reduced_decode": True}
+    assert approximate["eval_settings_hash"] != rec["eval_settings_hash"]
 
 
 # -- the leaderboard -----------------------------------------------------------------------------------------

@@ -324,6 +324,9 @@ def build_record(
     experiment = _get(train_cfg, "task_name")
     output_dir = Path(output_dir).resolve()
     settings = eval_settings(eval_cfg if eval_cfg is not None else _get(cfg, "eval"))
+    if settings is not None and _get(_get(_get(cfg, "data"), "collator"), "reduced_decode"):
+        # approximate pixels (README "Data at scale"): never the leaderboard cell of an exact decode
+        settings["reduced_decode"] = True
     manifest = output_dir / "per_query" / "manifest.json"
     return {
         "schema": SCHEMA,
