@@ -39,7 +39,10 @@ import numpy as np
 import torch
 import xxhash
 
-CACHE_FORMAT = 2  # bump when the cached files change meaning
+# bump when the cached files change meaning. 3: reduced-size decoding (data.collator.reduced_decode) now decodes
+# JPEGs at m/8 scale and resizes them in the worker, so caches written with the earlier decoder differ; the
+# collator settings in the key are the same, hence the bump
+CACHE_FORMAT = 3
 LOCK_FILE = "writer.lock"
 DONE_FILE = "embeddings.npy"  # a cache counts as complete once this exists (written last, by os.replace)
 _CHUNK_BYTES = 64 << 20  # device -> host copies of at most this many bytes at a time
